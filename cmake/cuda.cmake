@@ -1,0 +1,21 @@
+# Builds hetmerge._cuda when a CUDA compiler is available (see HETMERGE_CUDA in CMakeLists.txt).
+if(HETMERGE_CUDA STREQUAL "OFF")
+  message(STATUS "hetmerge: CUDA backend disabled (HETMERGE_CUDA=OFF)")
+  return()
+endif()
+
+include(CheckLanguage)
+check_language(CUDA)
+if(NOT CMAKE_CUDA_COMPILER)
+  if(HETMERGE_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "hetmerge: HETMERGE_CUDA=ON but no CUDA compiler was found; put nvcc on PATH or set CUDACXX")
+  endif()
+  message(STATUS "hetmerge: no CUDA compiler found, building the CPU backend only")
+  return()
+endif()
+
+file(GLOB HETMERGE_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/csrc/cuda/*.cu)
+if(NOT HETMERGE_CUDA_SOURCES)
+  message(STATUS "hetmerge: no CUDA sources yet, skipping the CUDA backend")
+  return()
+endif()

@@ -1,0 +1,155 @@
+#include "common/parallel.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace hm {
+namespace {
+
+thread_local bool t_inside_pool = false;
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int workers) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { worker_loop(); });
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+
+  // One job at a time; `busy_` lets a concurrent caller (another Python thread) run inline instead.
+  bool try_run(int64_t chunks, const std::function<void(int64_t)>& chunk_fn) {
+    std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
+    if (!run_lock.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &chunk_fn;
+      chunks_ = chunks;
+      next_.store(0);
+      pending_ = static_cast<int>(threads_.size());
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work_on_job(chunk_fn, chunks);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+    return true;
+  }
+
+ private:
+  void work_on_job(const std::function<void(int64_t)>& fn, int64_t chunks) {
+    t_inside_pool = true;
+    for (int64_t c; (c = next_.fetch_add(1)) < chunks;) {
+      try {
+        fn(c);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(chunks);  // stop handing out chunks
+      }
+    }
+    t_inside_pool = false;
+  }
+
+  void worker_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t)>* fn;
+      int64_t chunks;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+        fn = job_;
+        chunks = chunks_;
+      }
+      work_on_job(*fn, chunks);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t chunks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+  std::exception_ptr error_;
+};
+
+std::mutex g_pool_mutex;
+ThreadPool* g_pool = nullptr;  // leaked on purpose: joining threads at exit can deadlock
+pid_t g_pool_pid = 0;
+int g_num_threads = 0;
+
+int default_threads() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+}
+
+ThreadPool* pool_for(int threads) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  // After fork() the child has the pool object but none of its threads: build a fresh one.
+  if (g_pool && g_pool_pid != getpid()) g_pool = nullptr;
+  if (!g_pool || g_pool->size() != threads) {
+    if (g_pool && g_pool_pid == getpid()) delete g_pool;
+    g_pool = new ThreadPool(threads - 1);
+    g_pool_pid = getpid();
+  }
+  return g_pool;
+}
+
+}  // namespace
+
+void set_num_threads(int n) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  g_num_threads = std::max(1, n);
+}
+
+int get_num_threads() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (g_num_threads <= 0) g_num_threads = default_threads();
+  return g_num_threads;
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int threads = get_num_threads();
+  if (threads <= 1 || n <= grain || t_inside_pool) {
+    fn(0, n);
+    return;
+  }
+  // A few chunks per thread balance uneven rows without paying much per chunk.
+  const int64_t max_chunks = static_cast<int64_t>(threads) * 4;
+  const int64_t chunks = std::min<int64_t>(max_chunks, (n + grain - 1) / grain);
+  const int64_t step = (n + chunks - 1) / chunks;
+  const std::function<void(int64_t)> chunk_fn = [&](int64_t c) {
+    const int64_t begin = c * step, end = std::min(n, begin + step);
+    if (begin < end) fn(begin, end);
+  };
+  if (!pool_for(threads)->try_run(chunks, chunk_fn)) fn(0, n);
+}
+
+}  // namespace hm
