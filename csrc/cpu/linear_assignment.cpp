@@ -55,9 +55,10 @@ void scan_impl(const T* row, int64_t n_row, double sign, const int32_t* idx, con
   *out = ScanMin{low, pos, pos_free};
 }
 
+// The portable shortlist: the two smallest reduced costs, bounded by the third.
 template <typename T>
-bool two_min_impl(const T* row, int64_t n, double sign, const double* v, bool check, TwoMin* out) {
-  double b1 = kInf, b2 = kInf;
+bool cands_impl(const T* row, int64_t n, double sign, const double* v, bool check, Cands* out) {
+  double b1 = kInf, b2 = kInf, b3 = kInf;
   int64_t p1 = -1, p2 = -1;
   bool bad = false;
   for (int64_t j = 0; j < n; ++j) {
@@ -65,16 +66,32 @@ bool two_min_impl(const T* row, int64_t n, double sign, const double* v, bool ch
     bad |= !(c > -kInf);
     const double r = c - v[j];
     if (r < b1) {
+      b3 = b2;
       b2 = b1;
       p2 = p1;
       b1 = r;
       p1 = j;
     } else if (r < b2) {
+      b3 = b2;
       b2 = r;
       p2 = j;
+    } else if (r < b3) {
+      b3 = r;
     }
   }
-  *out = TwoMin{b1, b2, p1, p2};
+  for (int l = 0; l < kLaCands; ++l) {
+    out->j[l] = -1;
+    out->r[l] = out->c[l] = kInf;
+  }
+  const int64_t p[2] = {p1, p2};
+  const double b[2] = {b1, b2};
+  for (int l = 0; l < 2; ++l) {
+    if (p[l] < 0) continue;
+    out->j[l] = static_cast<int32_t>(p[l]);
+    out->r[l] = b[l];
+    out->c[l] = sign * static_cast<double>(row[p[l]]);
+  }
+  out->bound = b3;
   return check && bad;
 }
 
@@ -109,8 +126,8 @@ bool copy_row_impl(const T* s, int64_t b, T* d, int64_t n, double sign) {
                      double* dd, int32_t* pp, const double* fp, int64_t m, double h, int32_t i, ScanMin* out) { \
     scan_impl(row, n_row, sign, idx, vv, dd, pp, fp, m, h, i, out);                                            \
   }                                                                                                            \
-  bool two_min_portable(const T* row, int64_t n, double sign, const double* v, bool check, TwoMin* out) {      \
-    return two_min_impl(row, n, sign, v, check, out);                                                          \
+  bool cands_portable(const T* row, int64_t n, double sign, const double* v, bool check, Cands* out) {         \
+    return cands_impl(row, n, sign, v, check, out);                                                            \
   }                                                                                                            \
   bool col_min_portable(const T* row, int64_t n, double sign, int32_t r, double* colmin, int32_t* argrow) {   \
     return col_min_impl(row, n, sign, r, colmin, argrow);                                                      \
@@ -130,7 +147,25 @@ namespace {
 
 using la::kLaPad;
 using la::ScanMin;
-using la::TwoMin;
+using la::Cands;
+
+// Smallest and second smallest reduced cost of a row (j2 != j1; u2 may equal u1; -1 = none),
+// smallest first by (value, column), as a sequential scan with strict comparisons finds them.
+struct TwoMin {
+  double u1 = std::numeric_limits<double>::infinity(), u2 = std::numeric_limits<double>::infinity();
+  int64_t j1 = -1, j2 = -1;
+  void push(double r, int64_t j) {
+    if (r < u1 || (r == u1 && j < j1)) {
+      u2 = u1;
+      j2 = j1;
+      u1 = r;
+      j1 = j;
+    } else if (r < u2 || (r == u2 && j < j2)) {
+      u2 = r;
+      j2 = j;
+    }
+  }
+};
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Compact the Dijkstra work arrays once the live positions drop below this fraction of the list:
@@ -143,7 +178,7 @@ template <typename T>
 struct Kernels {
   void (*scan)(const T*, int64_t, double, const int32_t*, const double*, double*, int32_t*, const double*, int64_t,
                double, int32_t, ScanMin*);
-  bool (*two_min)(const T*, int64_t, double, const double*, bool, TwoMin*);
+  bool (*cands)(const T*, int64_t, double, const double*, bool, la::Cands*);
   bool (*col_min)(const T*, int64_t, double, int32_t, double*, int32_t*);
   bool (*copy_row)(const T*, int64_t, T*, int64_t, double);
 };
@@ -164,13 +199,13 @@ Kernels<T> pick_kernels(bool avx2) {
 #if defined(HM_LA_HAVE_AVX2_KERNELS)
   if (avx2) {
     return {static_cast<decltype(Kernels<T>::scan)>(la::scan_avx2),
-            static_cast<decltype(Kernels<T>::two_min)>(la::two_min_avx2),
+            static_cast<decltype(Kernels<T>::cands)>(la::cands_avx2),
             static_cast<decltype(Kernels<T>::col_min)>(la::col_min_avx2),
             static_cast<decltype(Kernels<T>::copy_row)>(la::copy_row_avx2)};
   }
 #endif
   return {static_cast<decltype(Kernels<T>::scan)>(la::scan_portable),
-          static_cast<decltype(Kernels<T>::two_min)>(la::two_min_portable),
+          static_cast<decltype(Kernels<T>::cands)>(la::cands_portable),
           static_cast<decltype(Kernels<T>::col_min)>(la::col_min_portable),
           static_cast<decltype(Kernels<T>::copy_row)>(la::copy_row_portable)};
 }
@@ -316,44 +351,60 @@ class Solver {
   // LAPJV: a row that is the minimum of exactly one column hands that column its slack (the smallest
   // reduced cost elsewhere in the row). The slacks are computed in parallel against the v of the
   // column reduction; v only decreases here, so the true slacks can only be larger and lowering by
-  // these keeps every reduced cost >= 0.
+  // these keeps every reduced cost >= 0. The same pass fills every row's shortlist.
   void reduction_transfer() {
+    cache_.resize(nr_);
     std::vector<double> mu(nr_, 0.0);
     for_parts(nr_, parts_for(nr_, nc_), [&](int64_t, int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
-        if (matches_[i] != 1) continue;
-        TwoMin t;
-        k_.two_min(c_.row(i), nc_, c_.sign, v_.get(), false, &t);
-        mu[i] = t.j1 == x_[i] ? t.u2 : t.u1;  // inf when x[i] is the row's only allowed column
+        const TwoMin t = scan_row(i, false, nullptr);
+        if (matches_[i] == 1) mu[i] = t.j1 == x_[i] ? t.u2 : t.u1;  // inf: x[i] is the only allowed column
       }
     });
     for (int64_t i = 0; i < nr_; ++i)
       if (matches_[i] == 1 && mu[i] < kInf) v_[x_[i]] -= mu[i];
   }
 
-  // Rectangular start (v = 0): every row's two smallest costs, in parallel, with the NaN/-inf
-  // screen. The row reduction below reuses them while neither column's v has moved: v only ever
-  // decreases there, so the other reduced costs can only have grown and the result is unchanged.
+  // Rectangular start (v = 0): every row's shortlist, in parallel, with the NaN/-inf screen.
   void row_minima() {
-    pre_.resize(nr_);
+    cache_.resize(nr_);
     std::atomic<bool> bad{false};
     for_parts(nr_, parts_for(nr_, nc_), [&](int64_t, int64_t r0, int64_t r1) {
       bool b = false;
-      for (int64_t i = r0; i < r1; ++i) b |= k_.two_min(c_.row(i), nc_, c_.sign, v_.get(), !checked_, &pre_[i]);
+      for (int64_t i = r0; i < r1; ++i) scan_row(i, !checked_, &b);
       if (b) bad.store(true, std::memory_order_relaxed);
     });
     if (bad.load()) reject(c_, maximize_);
-    touched_.assign(stride_, 0);
   }
 
-  TwoMin row_two_min(int32_t i) {
-    if (!pre_.empty()) {
-      const TwoMin& t = pre_[i];
-      if (t.j1 >= 0 && !touched_[t.j1] && (t.j2 < 0 || !touched_[t.j2])) return t;
-    }
+  // A fresh scan of row i; refreshes the row's shortlist.
+  TwoMin scan_row(int64_t i, bool check, bool* bad) {
+    Cands cd;
+    const bool b = k_.cands(c_.row(i), nc_, c_.sign, v_.get(), check, &cd);
+    if (bad) *bad |= b;
     TwoMin t;
-    k_.two_min(c_.row(i), nc_, c_.sign, v_.get(), false, &t);
+    Shortlist& e = cache_[i];
+    for (int l = 0; l < la::kLaCands; ++l) {
+      if (cd.j[l] >= 0) t.push(cd.r[l], cd.j[l]);
+      e.c[l] = cd.c[l];
+      e.j[l] = cd.j[l];
+    }
+    e.bound = cd.bound;
     return t;
+  }
+
+  // The two smallest reduced costs of row i from its shortlist when that provably still holds
+  // them, else from a fresh scan. v only decreases from the shortlist's scan to the end of the row
+  // reduction, so a column outside it still has reduced cost >= bound; candidates are recomputed
+  // exactly from their stored costs, so the answer equals a fresh scan's.
+  TwoMin row_two_min(int32_t i) {
+    const Shortlist& e = cache_[i];
+    TwoMin t;
+    for (int l = 0; l < la::kLaCands; ++l)
+      if (e.j[l] >= 0) t.push(e.c[l] - v_[e.j[l]], e.j[l]);
+    if (t.u2 < e.bound) return t;
+    --scans_left_;
+    return scan_row(i, false, nullptr);
   }
 
   // LAPJV's augmenting row reduction, two passes. A free row takes its cheapest column j1 and
@@ -361,13 +412,16 @@ class Solver {
   // gap (0 when the gap is infinite) stays dual feasible; the work cap stops long price wars.
   void augmenting_row_reduction(std::vector<int32_t>& free_rows) {
     int64_t numfree = static_cast<int64_t>(free_rows.size());
-    int64_t budget = arr_budget();
+    // Work caps: full row scans (the cost that matters; past ~8 per row the last free rows are
+    // cheaper to place by shortest paths) and shortlist hits (bounds price wars among them).
+    scans_left_ = 8 * nr_ + 64;
+    int64_t budget = 64 * nr_ + 64;
     for (int pass = 0; pass < 2 && numfree > 0; ++pass) {
       int64_t k = 0;
       const int64_t prv = numfree;
       numfree = 0;
       while (k < prv) {
-        if (--budget < 0) return;  // leftovers (x < 0) go to the augmenting paths
+        if (--budget < 0 || scans_left_ < 0) return;  // leftovers (x < 0) go to the augmenting paths
         const int32_t i = free_rows[k++];
         const TwoMin t = row_two_min(i);
         if (!(t.u1 < kInf)) infeasible();  // a row with no allowed column
@@ -376,7 +430,6 @@ class Solver {
         const bool gap = t.u1 < t.u2 && t.u2 < kInf;
         if (gap) {
           v_[j1] -= t.u2 - t.u1;
-          if (!touched_.empty()) touched_[j1] = 1;
         } else if (t.u1 == t.u2 && i0 >= 0) {  // tie: take the second column, which may be free
           j1 = t.j2;
           i0 = y_[j1];
@@ -392,12 +445,6 @@ class Solver {
         }
       }
     }
-  }
-
-  int64_t arr_budget() const {
-    const char* e = std::getenv("HM_LA_ARR_CAP");
-    const int64_t f = e ? std::atoll(e) : 8;
-    return f * nr_ + 64;
   }
 
   void shortest_augmenting_paths() {
@@ -486,8 +533,13 @@ class Solver {
   std::vector<int32_t> x_, y_;
   Buffer<double> v_;
   std::vector<int32_t> matches_;
-  std::vector<TwoMin> pre_;
-  std::vector<char> touched_;
+  struct Shortlist {
+    double c[la::kLaCands];
+    int32_t j[la::kLaCands];
+    double bound;
+  };
+  std::vector<Shortlist> cache_;
+  int64_t scans_left_ = 0;
 };
 
 template <typename T>

@@ -139,7 +139,7 @@ struct Top2 {
 };
 
 template <bool check, typename T>
-bool two_min_impl(const T* row, int64_t n, double sign, const double* v, TwoMin* out) {
+bool cands_impl(const T* row, int64_t n, double sign, const double* v, Cands* out) {
   const __m256d sv = _mm256_set1_pd(sign);
   const __m256d inf = _mm256_set1_pd(kInf);
   const __m256d none = _mm256_set1_pd(-1.0);
@@ -166,34 +166,26 @@ bool two_min_impl(const T* row, int64_t n, double sign, const double* v, TwoMin*
     k0 = _mm256_add_pd(k0, step);
     k1 = _mm256_add_pd(k1, step);
   }
-  alignas(32) double val[16], pos[16];
-  _mm256_store_pd(val, a.m1);
-  _mm256_store_pd(val + 4, a.m2);
-  _mm256_store_pd(val + 8, b.m1);
-  _mm256_store_pd(val + 12, b.m2);
+  _mm256_storeu_pd(out->r, a.m1);
+  _mm256_storeu_pd(out->r + 4, a.m2);
+  _mm256_storeu_pd(out->r + 8, b.m1);
+  _mm256_storeu_pd(out->r + 12, b.m2);
+  alignas(32) double pos[16];
   _mm256_store_pd(pos, a.i1);
   _mm256_store_pd(pos + 4, a.i2);
   _mm256_store_pd(pos + 8, b.i1);
   _mm256_store_pd(pos + 12, b.i2);
-  // Top two of the lane candidates by (value, column); column -1 marks an empty slot.
-  double b1 = kInf, b2 = kInf, p1 = -1.0, p2 = -1.0;
-  for (int l = 0; l < 16; ++l) {
-    const double x = val[l], p = pos[l];
-    if (p < 0) continue;
-    if (x < b1 || (x == b1 && (p1 < 0 || p < p1))) {
-      b2 = b1;
-      p2 = p1;
-      b1 = x;
-      p1 = p;
-    } else if (x < b2 || (x == b2 && (p2 < 0 || p < p2))) {
-      b2 = x;
-      p2 = p;
-    }
+  // Every column outside a lane's top two is at least that lane's second best.
+  alignas(32) double lb[4];
+  _mm256_store_pd(lb, _mm256_min_pd(a.m2, b.m2));
+  double bound = lb[0];
+  for (int l = 1; l < 4; ++l) bound = lb[l] < bound ? lb[l] : bound;
+  out->bound = bound;
+  for (int l = 0; l < kLaCands; ++l) {
+    const int32_t j = static_cast<int32_t>(pos[l]);
+    out->j[l] = j;
+    out->c[l] = j >= 0 ? sign * static_cast<double>(row[j]) : kInf;  // the row is still in cache
   }
-  out->u1 = b1;
-  out->j1 = static_cast<int64_t>(p1);
-  out->u2 = b2;
-  out->j2 = static_cast<int64_t>(p2);
   return _mm256_movemask_pd(bad) != 0;
 }
 
@@ -274,8 +266,8 @@ bool copy_row_impl(const T* s, int64_t b, T* d, int64_t n, double sign) {
                  int32_t* pp, const double* fp, int64_t m, double h, int32_t i, ScanMin* out) {                \
     scan_impl(row, n_row, sign, idx, vv, dd, pp, fp, m, h, i, out);                                            \
   }                                                                                                            \
-  bool two_min_avx2(const T* row, int64_t n, double sign, const double* v, bool check, TwoMin* out) {          \
-    return check ? two_min_impl<true>(row, n, sign, v, out) : two_min_impl<false>(row, n, sign, v, out);       \
+  bool cands_avx2(const T* row, int64_t n, double sign, const double* v, bool check, Cands* out) {             \
+    return check ? cands_impl<true>(row, n, sign, v, out) : cands_impl<false>(row, n, sign, v, out);           \
   }                                                                                                            \
   bool col_min_avx2(const T* row, int64_t n, double sign, int32_t r, double* colmin, int32_t* argrow) {       \
     return col_min_impl(row, n, sign, r, colmin, argrow);                                                      \

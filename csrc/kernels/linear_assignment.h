@@ -20,10 +20,15 @@ struct ScanMin {
   int64_t pos_free;
 };
 
-// Smallest and second smallest reduced cost of a row (j2 != j1; u2 may equal u1; -1 = none).
-struct TwoMin {
-  double u1, u2;
-  int64_t j1, j2;
+// A row scan's shortlist: columns j[l] (-1 = empty slot) with their costs c[l] = sign * row[j[l]]
+// and reduced costs r[l] = c[l] - v[j[l]], containing the row's two smallest reduced costs; every
+// other column has reduced cost >= bound.
+constexpr int kLaCands = 16;
+struct Cands {
+  double r[kLaCands];
+  double c[kLaCands];
+  int32_t j[kLaCands];
+  double bound;
 };
 
 // Signatures shared by the portable and AVX2 versions (T = float or double).
@@ -34,8 +39,8 @@ struct TwoMin {
 //     cand = c - (vv[k] + h);  if cand < dd[k]: dd[k] = cand, pp[k] = i
 //   then reports the minimum of dd. Finished and padding positions carry vv = -inf and dd = +inf,
 //   so they never update or win. fp[k] is 0 for a free column, +inf otherwise.
-// two_min: over columns j < n of sign * row[j] - v[j]. With check, also reports whether some
-//   sign * row[j] is NaN or -inf (the return value; false without check).
+// cands: the Cands of the reduced costs sign * row[j] - v[j] over columns j < n. With check, also
+//   reports whether some sign * row[j] is NaN or -inf (the return value; false without check).
 // col_min: colmin[j] = min(colmin[j], sign * row[j]), argrow[j] = r where strictly smaller, j < n;
 //   returns whether some sign * row[j] is NaN or -inf.
 // copy_row: d[k] = s[k * b] for k < n (b in elements, any sign); returns whether some sign * d[k]
@@ -44,7 +49,7 @@ struct TwoMin {
   void scan_##SUFFIX(const T* row, int64_t n_row, double sign, const int32_t* idx, const double* vv,    \
                      double* dd, int32_t* pp, const double* fp, int64_t m, double h, int32_t i,          \
                      ScanMin* out);                                                                      \
-  bool two_min_##SUFFIX(const T* row, int64_t n, double sign, const double* v, bool check, TwoMin* out); \
+  bool cands_##SUFFIX(const T* row, int64_t n, double sign, const double* v, bool check, Cands* out);     \
   bool col_min_##SUFFIX(const T* row, int64_t n, double sign, int32_t r, double* colmin, int32_t* argrow); \
   bool copy_row_##SUFFIX(const T* s, int64_t b, T* d, int64_t n, double sign);
 
