@@ -74,6 +74,19 @@ void interpolate_loop(const TensorView& a, const TensorView& b, const std::vecto
         const Acc l = lam[k];
         for (int64_t e = 0; e < len; ++e) store_from_acc(dst + e, interpolate_value(as[e], bs[e], l));
       }
+      if (!fill_base) continue;
+      // Padded slots under fill="base" keep a exactly (see interpolate_element); rewriting them
+      // after the branch-free loop keeps that loop vectorized.
+      for (int64_t j = j0; j < j1; ++j) {
+        const bool pad = r == kPad || mapped_index(cmap, cstride, j) == kPad;
+        if (!pad) continue;
+        for (int64_t k = 0; k < K; ++k) {
+          T* dst = po + k * plane + (i * n1 + j) * n_trailing;
+          const Acc* src = as + (j - j0) * n_trailing;
+          for (int64_t t = 0; t < n_trailing; ++t)
+            store_from_acc(dst + t, interpolate_element(src[t], src[t], lam[k], true));
+        }
+      }
     }
   });
 }
