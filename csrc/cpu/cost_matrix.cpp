@@ -119,6 +119,12 @@ Problem<T> build_problem(const std::vector<CostTerm>& terms) {
   return pb;
 }
 
+template <typename T, int R>
+void zero_rows(T* d, int rows, int64_t n) {
+  for (int r = rows; r < R; ++r)
+    for (int64_t i = 0; i < n; ++i) d[i * R + r] = T(0);
+}
+
 // Packs one micro-panel: dst[(p - p0) * R + r] = side's row (row0 + r) at inner position p, for
 // p in [p0, p0 + kc); rows r >= rows are zero. The gather through `off` is where the index map acts.
 template <typename T, int R>
@@ -139,14 +145,30 @@ void pack_panel(const Side<T>& s, const int64_t* term_start, int n_terms, int64_
         const T* src = base + off[i];
         for (int r = 0; r < R; ++r) d[i * R + r] = src[r];
       }
+    } else if (std::adjacent_find(off, off + n, [](int64_t x, int64_t y) { return y != x + 1; }) == off + n) {
+      // Row-major rows, unit-stride positions (A's side, identity or sparse padding): 8 positions of
+      // every row at a time, so each row's cache lines are used while they are hot.
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        for (int r = 0; r < rows; ++r) {
+          const T* src = base + r * rs + off[i];
+          for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = src[u];
+        }
+      for (; i < n; ++i)
+        for (int r = 0; r < rows; ++r) d[i * R + r] = base[r * rs + off[i]];
+      zero_rows<T, R>(d, rows, n);
     } else {
-      // Row-major rows: walk each row along the (gathered) inner positions.
+      // Row-major rows, gathered positions (the mapped side): random lines of each row, mostly cache
+      // misses. Prefetch the next row's lines while gathering this one, to keep many misses in flight.
       for (int r = 0; r < rows; ++r) {
         const T* src = base + r * rs;
-        for (int64_t i = 0; i < n; ++i) d[i * R + r] = src[off[i]];
+        const T* next = r + 1 < rows ? src + rs : src;
+        for (int64_t i = 0; i < n; ++i) {
+          __builtin_prefetch(next + off[i]);
+          d[i * R + r] = src[off[i]];
+        }
       }
-      for (int r = rows; r < R; ++r)
-        for (int64_t i = 0; i < n; ++i) d[i * R + r] = T(0);
+      zero_rows<T, R>(d, rows, n);
     }
     p = run_end;
   }
@@ -154,6 +176,7 @@ void pack_panel(const Side<T>& s, const int64_t* term_start, int n_terms, int64_
 
 struct Blocking {
   int64_t kc, mc, nc;
+  int64_t kg;  // K-blocks packed into the B slab at once
 };
 
 // Splits [0, n_panels) into `parts` nearly equal ranges; part b is [split(b), split(b + 1)).
@@ -161,6 +184,15 @@ inline int64_t split(int64_t n_panels, int64_t parts, int64_t b) { return n_pane
 
 template <typename T, int MR, int NR>
 void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> ukernel, Blocking blk) {
+#ifdef HM_TUNE
+  if (getenv("HM_KC")) blk.kc = atoi(getenv("HM_KC"));
+  if (getenv("HM_MC")) blk.mc = atoi(getenv("HM_MC"));
+  if (getenv("HM_NC")) blk.nc = atoi(getenv("HM_NC"));
+  if (getenv("HM_KG")) blk.kg = atoi(getenv("HM_KG"));
+  static const bool skip_k = getenv("HM_SKIPK") != nullptr, skip_p = getenv("HM_SKIPP") != nullptr;
+#else
+  constexpr bool skip_k = false, skip_p = false;
+#endif
   const int64_t K = pb.k();
   const int threads = get_num_threads();
   const int64_t a_panels = (n_a + MR - 1) / MR, b_panels = (n_b + NR - 1) / NR;
@@ -178,43 +210,55 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
   // Few row blocks (small n_a): also split the columns; each split repacks its (small) A block.
   const int64_t n_js = n_ib >= threads ? 1 : std::min(nc_panels_max, (2 * int64_t(threads) + n_ib - 1) / n_ib);
 
-  std::unique_ptr<T, FreeDeleter> b_buf(
-      static_cast<T*>(std::aligned_alloc(64, (nc_panels_max * NR * kc_max * sizeof(T) + 63) / 64 * 64)));
-  if (!b_buf) throw std::bad_alloc();
-  T* bp = b_buf.get();
+  // B is packed kg K-blocks at a time: a mapped row-major B is gathered from random cache lines of its
+  // rows, and every pass over a row brings in nearly all its lines; packing kg blocks per pass divides
+  // that traffic by kg. Panel jp of the slab holds the kg blocks one after another, each [kc, NR].
+  const int64_t n_kg = (n_kb + blk.kg - 1) / blk.kg;
+  const int64_t slab_k_max = split(K, n_kb, std::min(blk.kg, n_kb)) + 1;  // block sizes differ by <= 1
+  // Kept across calls (per calling thread): a fresh multi-MiB buffer costs a page fault and a page clear
+  // per 4 KiB on every call, several percent of a 1024-wide cost matrix.
+  thread_local Scratch<T> b_scratch;
+  T* bp = b_scratch.get(static_cast<size_t>(nc_panels_max) * NR * slab_k_max);
 
   for (int64_t jb = 0; jb < n_jb; ++jb) {
     const int64_t jp0 = split(b_panels, n_jb, jb), jp1 = split(b_panels, n_jb, jb + 1);
-    for (int64_t kb = 0; kb < n_kb; ++kb) {
-      const int64_t p0 = split(K, n_kb, kb), kc = split(K, n_kb, kb + 1) - p0;
+    for (int64_t g = 0; g < n_kg; ++g) {
+      const int64_t kb0 = g * blk.kg, kb1 = std::min(n_kb, kb0 + blk.kg);
+      const int64_t s0 = split(K, n_kb, kb0), slab_k = split(K, n_kb, kb1) - s0;
       parallel_for(jp1 - jp0, 8, [&](int64_t b0, int64_t b1) {
-        for (int64_t jp = jp0 + b0; jp < jp0 + b1; ++jp) {
+        if (!skip_p) for (int64_t jp = jp0 + b0; jp < jp0 + b1; ++jp) {
           const int rows = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
-          pack_panel<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, jp * NR, rows, p0, kc, bp + (jp - jp0) * NR * kc);
+          pack_panel<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, jp * NR, rows, s0, slab_k,
+                            bp + (jp - jp0) * NR * slab_k);
         }
       });
-      parallel_for(n_ib * n_js, 1, [&](int64_t t0, int64_t t1) {
-        thread_local Scratch<T> a_scratch;
-        T* ap = a_scratch.get(static_cast<size_t>(mc_panels_max) * MR * kc_max);
-        for (int64_t task = t0; task < t1; ++task) {
-          const int64_t ib = task / n_js, js = task % n_js;
-          const int64_t ip0 = split(a_panels, n_ib, ib), ip1 = split(a_panels, n_ib, ib + 1);
-          const int64_t jq0 = jp0 + split(jp1 - jp0, n_js, js), jq1 = jp0 + split(jp1 - jp0, n_js, js + 1);
-          for (int64_t ip = ip0; ip < ip1; ++ip) {
-            const int rows = static_cast<int>(std::min<int64_t>(MR, n_a - ip * MR));
-            pack_panel<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, ip * MR, rows, p0, kc, ap + (ip - ip0) * MR * kc);
-          }
-          // B micro-panel outer, A inner: the kc x NR B panel stays in L1 while A panels stream from L2.
-          for (int64_t jp = jq0; jp < jq1; ++jp) {
-            const int nr = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
-            for (int64_t ip = ip0; ip < ip1; ++ip) {
-              const int mr = static_cast<int>(std::min<int64_t>(MR, n_a - ip * MR));
-              ukernel(kc, ap + (ip - ip0) * MR * kc, bp + (jp - jp0) * NR * kc, c + ip * MR * n_b + jp * NR, n_b, mr, nr,
-                      kb > 0);
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t p0 = split(K, n_kb, kb), kc = split(K, n_kb, kb + 1) - p0;
+        const T* bk = bp + (p0 - s0) * NR;  // this block's [kc, NR] part of every slab panel
+        parallel_for(n_ib * n_js, 1, [&](int64_t t0, int64_t t1) {
+          thread_local Scratch<T> a_scratch;
+          T* ap = a_scratch.get(static_cast<size_t>(mc_panels_max) * MR * kc_max);
+          for (int64_t task = t0; task < t1; ++task) {
+            const int64_t ib = task / n_js, js = task % n_js;
+            const int64_t ip0 = split(a_panels, n_ib, ib), ip1 = split(a_panels, n_ib, ib + 1);
+            const int64_t jq0 = jp0 + split(jp1 - jp0, n_js, js), jq1 = jp0 + split(jp1 - jp0, n_js, js + 1);
+            if (!skip_p) for (int64_t ip = ip0; ip < ip1; ++ip) {
+              const int rows = static_cast<int>(std::min<int64_t>(MR, n_a - ip * MR));
+              pack_panel<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, ip * MR, rows, p0, kc,
+                                ap + (ip - ip0) * MR * kc);
+            }
+            // B micro-panel outer, A inner: the kc x NR B panel stays in L1 while A panels stream from L2.
+            if (!skip_k) for (int64_t jp = jq0; jp < jq1; ++jp) {
+              const int nr = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
+              for (int64_t ip = ip0; ip < ip1; ++ip) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR, n_a - ip * MR));
+                ukernel(kc, ap + (ip - ip0) * MR * kc, bk + (jp - jp0) * NR * slab_k, c + ip * MR * n_b + jp * NR,
+                        n_b, mr, nr, kb > 0);
+              }
             }
           }
-        }
-      });
+        });
+      }
     }
   }
 }
@@ -229,15 +273,15 @@ bool use_avx2() {
 // (~150 KiB) in L2, KC x NC B slab (~4 MiB) in L3. Same byte footprints for float64 at half the element counts.
 void run(const Problem<float>& pb, int64_t n_a, int64_t n_b, float* c) {
   if (use_avx2())
-    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4080});
+    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4080, 1});
   else
-    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4080});
+    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4080, 1});
 }
 void run(const Problem<double>& pb, int64_t n_a, int64_t n_b, double* c) {
   if (use_avx2())
-    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2040});
+    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2040, 1});
   else
-    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2040});
+    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2040, 1});
 }
 
 template <typename T>
