@@ -125,50 +125,66 @@ void zero_rows(T* d, int rows, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i * R + r] = T(0);
 }
 
-// Packs one micro-panel: dst[(p - p0) * R + r] = side's row (row0 + r) at inner position p, for
-// p in [p0, p0 + kc); rows r >= rows are zero. The gather through `off` is where the index map acts.
+// Packs micro-panels [q0, q1) of R rows each (rows beyond n_rows are zero) over inner positions
+// [p0, p0 + kc): panel q goes to dst + (q - q0) * R * kc, dst[(p - p0) * R + r] = row q*R + r at p.
+// The gather through `off` is where the index map acts.
 template <typename T, int R>
-void pack_panel(const Side<T>& s, const int64_t* term_start, int n_terms, int64_t row0, int rows, int64_t p0,
-                int64_t kc, T* __restrict dst) {
-  const int64_t p_end = p0 + kc;
+void pack_panels(const Side<T>& s, const int64_t* term_start, int n_terms, int64_t n_rows, int64_t q0, int64_t q1,
+                 int64_t p0, int64_t kc, T* __restrict dst) {
+  const int64_t p_end = p0 + kc, panel = R * kc;
   int t = cost_term_of(term_start, n_terms, p0);
   for (int64_t p = p0; p < p_end; ++t) {
     const int64_t run_end = std::min(p_end, term_start[t + 1]);
     if (run_end <= p) continue;  // a term with no valid slot
     const int64_t n = run_end - p, rs = s.row_stride[t];
-    const T* base = s.data[t] + row0 * rs;
     const int64_t* off = s.off.data() + p;
-    T* d = dst + (p - p0) * R;
-    if (rows == R && rs == 1) {
-      // Rows adjacent in memory (a transposed view, e.g. W_{l+1}.T): R contiguous loads per position.
+    T* d0 = dst + (p - p0) * R;
+    if (rs == 1) {
+      // Rows adjacent in memory (a transposed view, e.g. W_{l+1}.T): per position, one contiguous run
+      // over all the panels' rows. Per panel instead, power-of-two row pitches would map every
+      // position's line to one L1 set and the lines would be refetched for each panel.
+      const int64_t full = std::min(q1, n_rows / R);
       for (int64_t i = 0; i < n; ++i) {
-        const T* src = base + off[i];
-        for (int r = 0; r < R; ++r) d[i * R + r] = src[r];
+        const T* src = s.data[t] + off[i];
+        for (int64_t q = q0; q < full; ++q)
+          for (int r = 0; r < R; ++r) d0[(q - q0) * panel + i * R + r] = src[q * R + r];
+        for (int64_t q = std::max(full, q0); q < q1; ++q)
+          for (int r = 0; r < R; ++r) d0[(q - q0) * panel + i * R + r] = q * R + r < n_rows ? src[q * R + r] : T(0);
       }
     } else if (std::adjacent_find(off, off + n, [](int64_t x, int64_t y) { return y != x + 1; }) == off + n) {
       // Row-major rows, unit-stride positions (A's side, identity or sparse padding): 8 positions of
       // every row at a time, so each row's cache lines are used while they are hot.
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8)
-        for (int r = 0; r < rows; ++r) {
-          const T* src = base + r * rs + off[i];
-          for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = src[u];
-        }
-      for (; i < n; ++i)
-        for (int r = 0; r < rows; ++r) d[i * R + r] = base[r * rs + off[i]];
-      zero_rows<T, R>(d, rows, n);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int rows = static_cast<int>(std::min<int64_t>(R, n_rows - q * R));
+        const T* base = s.data[t] + q * R * rs;
+        T* d = d0 + (q - q0) * panel;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+          for (int r = 0; r < rows; ++r) {
+            const T* src = base + r * rs + off[i];
+            for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = src[u];
+          }
+        for (; i < n; ++i)
+          for (int r = 0; r < rows; ++r) d[i * R + r] = base[r * rs + off[i]];
+        zero_rows<T, R>(d, rows, n);
+      }
     } else {
       // Row-major rows, gathered positions (the mapped side): random lines of each row, mostly cache
       // misses. Prefetch the next row's lines while gathering this one, to keep many misses in flight.
-      for (int r = 0; r < rows; ++r) {
-        const T* src = base + r * rs;
-        const T* next = r + 1 < rows ? src + rs : src;
-        for (int64_t i = 0; i < n; ++i) {
-          __builtin_prefetch(next + off[i]);
-          d[i * R + r] = src[off[i]];
+      for (int64_t q = q0; q < q1; ++q) {
+        const int rows = static_cast<int>(std::min<int64_t>(R, n_rows - q * R));
+        const T* base = s.data[t] + q * R * rs;
+        T* d = d0 + (q - q0) * panel;
+        for (int r = 0; r < rows; ++r) {
+          const T* src = base + r * rs;
+          const T* next = r + 1 < rows ? src + rs : src;
+          for (int64_t i = 0; i < n; ++i) {
+            __builtin_prefetch(next + off[i]);
+            d[i * R + r] = src[off[i]];
+          }
         }
+        zero_rows<T, R>(d, rows, n);
       }
-      zero_rows<T, R>(d, rows, n);
     }
     p = run_end;
   }
@@ -226,27 +242,23 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
       const int64_t kb0 = g * blk.kg, kb1 = std::min(n_kb, kb0 + blk.kg);
       const int64_t s0 = split(K, n_kb, kb0), slab_k = split(K, n_kb, kb1) - s0;
       parallel_for(jp1 - jp0, 8, [&](int64_t b0, int64_t b1) {
-        if (!skip_p) for (int64_t jp = jp0 + b0; jp < jp0 + b1; ++jp) {
-          const int rows = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
-          pack_panel<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, jp * NR, rows, s0, slab_k,
-                            bp + (jp - jp0) * NR * slab_k);
-        }
+        if (!skip_p)
+          pack_panels<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, n_b, jp0 + b0, jp0 + b1, s0, slab_k,
+                             bp + b0 * NR * slab_k);
       });
-      for (int64_t kb = kb0; kb < kb1; ++kb) {
-        const int64_t p0 = split(K, n_kb, kb), kc = split(K, n_kb, kb + 1) - p0;
-        const T* bk = bp + (p0 - s0) * NR;  // this block's [kc, NR] part of every slab panel
-        parallel_for(n_ib * n_js, 1, [&](int64_t t0, int64_t t1) {
-          thread_local Scratch<T> a_scratch;
-          T* ap = a_scratch.get(static_cast<size_t>(mc_panels_max) * MR * kc_max);
-          for (int64_t task = t0; task < t1; ++task) {
-            const int64_t ib = task / n_js, js = task % n_js;
-            const int64_t ip0 = split(a_panels, n_ib, ib), ip1 = split(a_panels, n_ib, ib + 1);
-            const int64_t jq0 = jp0 + split(jp1 - jp0, n_js, js), jq1 = jp0 + split(jp1 - jp0, n_js, js + 1);
-            if (!skip_p) for (int64_t ip = ip0; ip < ip1; ++ip) {
-              const int rows = static_cast<int>(std::min<int64_t>(MR, n_a - ip * MR));
-              pack_panel<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, ip * MR, rows, p0, kc,
-                                ap + (ip - ip0) * MR * kc);
-            }
+      // One task = one row block (or part of one) through every K-block of the slab: the threads meet
+      // once per slab, not once per K-block.
+      parallel_for(n_ib * n_js, 1, [&](int64_t t0, int64_t t1) {
+        thread_local Scratch<T> a_scratch;
+        T* ap = a_scratch.get(static_cast<size_t>(mc_panels_max) * MR * kc_max);
+        for (int64_t task = t0; task < t1; ++task) {
+          const int64_t ib = task / n_js, js = task % n_js;
+          const int64_t ip0 = split(a_panels, n_ib, ib), ip1 = split(a_panels, n_ib, ib + 1);
+          const int64_t jq0 = jp0 + split(jp1 - jp0, n_js, js), jq1 = jp0 + split(jp1 - jp0, n_js, js + 1);
+          for (int64_t kb = kb0; kb < kb1; ++kb) {
+            const int64_t p0 = split(K, n_kb, kb), kc = split(K, n_kb, kb + 1) - p0;
+            const T* bk = bp + (p0 - s0) * NR;  // this block's [kc, NR] part of every slab panel
+            if (!skip_p) pack_panels<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, n_a, ip0, ip1, p0, kc, ap);
             // B micro-panel outer, A inner: the kc x NR B panel stays in L1 while A panels stream from L2.
             if (!skip_k) for (int64_t jp = jq0; jp < jq1; ++jp) {
               const int nr = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
@@ -257,8 +269,8 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
               }
             }
           }
-        });
-      }
+        }
+      });
     }
   }
 }
@@ -273,15 +285,15 @@ bool use_avx2() {
 // (~150 KiB) in L2, KC x NC B slab (~4 MiB) in L3. Same byte footprints for float64 at half the element counts.
 void run(const Problem<float>& pb, int64_t n_a, int64_t n_b, float* c) {
   if (use_avx2())
-    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4080, 1});
+    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4080, 4});
   else
-    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4080, 1});
+    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4080, 4});
 }
 void run(const Problem<double>& pb, int64_t n_a, int64_t n_b, double* c) {
   if (use_avx2())
-    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2040, 1});
+    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2040, 4});
   else
-    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2040, 1});
+    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2040, 4});
 }
 
 template <typename T>
