@@ -151,9 +151,9 @@ void pack_panels(const Side<T>& s, const int64_t* term_start, int n_terms, int64
         for (int64_t q = std::max(full, q0); q < q1; ++q)
           for (int r = 0; r < R; ++r) d0[(q - q0) * panel + i * R + r] = q * R + r < n_rows ? src[q * R + r] : T(0);
       }
-    } else if (std::adjacent_find(off, off + n, [](int64_t x, int64_t y) { return y != x + 1; }) == off + n) {
-      // Row-major rows, unit-stride positions (A's side, identity or sparse padding): 8 positions of
-      // every row at a time, so each row's cache lines are used while they are hot.
+    } else if (std::is_sorted(off, off + n)) {
+      // Row-major rows, ascending positions (A's side: identity map, or padded slots skipped): 8
+      // positions of every row at a time, so each row's cache lines are used while they are hot.
       for (int64_t q = q0; q < q1; ++q) {
         const int rows = static_cast<int>(std::min<int64_t>(R, n_rows - q * R));
         const T* base = s.data[t] + q * R * rs;
@@ -161,8 +161,8 @@ void pack_panels(const Side<T>& s, const int64_t* term_start, int n_terms, int64
         int64_t i = 0;
         for (; i + 8 <= n; i += 8)
           for (int r = 0; r < rows; ++r) {
-            const T* src = base + r * rs + off[i];
-            for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = src[u];
+            const T* src = base + r * rs;
+            for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = src[off[i + u]];
           }
         for (; i < n; ++i)
           for (int r = 0; r < rows; ++r) d[i * R + r] = base[r * rs + off[i]];
