@@ -56,7 +56,7 @@ def assert_matches(out, terms, dtype):
 
 # ---- sample generator --------------------------------------------------------------------------
 
-LAYOUTS = ["contig", "T", "slice", "numpy", "numpy_T"]
+LAYOUTS = ["contig", "T", "slice", "numpy", "numpy_T", "expand", "numpy_rev"]
 
 
 def operand(rng: np.random.Generator, n: int, m: int, layout: str, dtype):
@@ -72,6 +72,10 @@ def operand(rng: np.random.Generator, n: int, m: int, layout: str, dtype):
         return rng.standard_normal((n, m)).astype(npdt)
     if layout == "numpy_T":
         return rng.standard_normal((m, n)).astype(npdt).T
+    if layout == "expand":  # row stride 0: every row the same
+        return torch.from_numpy(rng.standard_normal((1, m)).astype(npdt)).expand(n, m)
+    if layout == "numpy_rev":  # negative strides
+        return rng.standard_normal((n, m)).astype(npdt)[::-1, ::-1]
     raise ValueError(layout)
 
 
@@ -146,7 +150,7 @@ def test_portable_path_matches_reference(dtype, monkeypatch):
 @given(
     n_a=st.integers(1, 40), n_b=st.integers(1, 40),
     ks=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 30), st.integers(1, 4), st.floats(0, 1),
-                          st.sampled_from(["contig", "T", "slice"]), st.sampled_from(["contig", "T", "slice"]),
+                          st.sampled_from(["contig", "T", "slice", "expand"]), st.sampled_from(["contig", "T", "slice", "expand"]),
                           st.booleans()), min_size=1, max_size=3),
     f64=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
@@ -168,6 +172,19 @@ def test_all_padding_gives_zeros_and_overwrites_out(dtype):
     out.fill_(float("nan"))
     hm.ops.cost_matrix([(a, b[:, :3], torch.tensor([0, -1, 2, -1, 1, -1]), 1)], out=out)
     assert_matches(out, [(a, b[:, :3], torch.tensor([0, -1, 2, -1, 1, -1]), 1)], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_shapes(dtype):
+    a, b = torch.randn(5, 0, dtype=dtype), torch.randn(4, 0, dtype=dtype)
+    assert torch.equal(hm.ops.cost_matrix([(a, b, None, 1)]), torch.zeros(5, 4, dtype=dtype))
+    assert hm.ops.cost_matrix([(torch.randn(0, 3, dtype=dtype), torch.randn(4, 3, dtype=dtype))]).shape == (0, 4)
+
+
+@pytest.mark.xfail(reason="TensorView::is_contiguous rejects torch.empty(3, 0) (strides (1, 1)) as out; empty "
+                          "tensors are contiguous whatever their strides")
+def test_empty_out_with_zero_target_units_is_contiguous():
+    assert hm.ops.cost_matrix([(torch.randn(3, 3), torch.randn(0, 3))]).shape == (3, 0)
 
 
 def test_large_k_crosses_block_and_term_boundaries():
