@@ -3,9 +3,10 @@
 //
 //   C[i, j] = sum_p A_cat[i, p] * B_cat[j, p],  p over the terms' compacted, concatenated inner axes
 //
-// Loop nest (Goto / BLIS): jc over NC-column blocks of C, pc over KC-blocks of the inner axis (pack
-// the KC x NC slab of B once, shared by all threads), then MC-row blocks of C in parallel (each task
-// packs its MC x KC block of A into thread-local memory and runs the MR x NR microkernel over it).
+// Loop nest (Goto / BLIS): jc over NC-column blocks of C; then slabs of a few KC-blocks of the inner
+// axis (all threads pack the slab of B together); then MC-row blocks of C in parallel, each task
+// walking the slab's KC-blocks: pack its MC x KC block of A into thread-local memory, run the MR x NR
+// microkernel over it and every B micro-panel of the slab.
 //
 // Accuracy: float32 inputs accumulate in float32 like BLAS sgemm (every product is an FMA, sums in
 // KC-long chains); the error grows like K * eps * sum|A_ip B_jp|, the same order as torch.mm's.
@@ -281,19 +282,22 @@ bool use_avx2() {
   return cpu_ok && std::getenv("HETMERGE_NO_AVX2") == nullptr;
 }
 
-// Zen3 (per core: 32 KiB L1d, 512 KiB L2; L3 shared): KC x NR B panel (16 KiB) in L1, MC x KC A block
-// (~150 KiB) in L2, KC x NC B slab (~4 MiB) in L3. Same byte footprints for float64 at half the element counts.
+// Zen3 (per core: 32 KiB L1d, 512 KiB L2; L3 shared): the KC x NR B micro-panel (16 KiB) stays in L1
+// and the MC x KC A block (~150 KiB) in L2. The B slab (4 K-blocks x NC rows, 16 MiB) needs no cache:
+// each micro-panel is fetched once per row block, then serves MC / MR microkernel calls from L1.
+// NC = 4096 splits the widths that matter (powers of two up to 8192) evenly. float64 keeps the byte
+// footprints at half the element counts.
 void run(const Problem<float>& pb, int64_t n_a, int64_t n_b, float* c) {
   if (use_avx2())
-    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4080, 4});
+    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4096, 4});
   else
-    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4080, 4});
+    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4096, 4});
 }
 void run(const Problem<double>& pb, int64_t n_a, int64_t n_b, double* c) {
   if (use_avx2())
-    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2040, 4});
+    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2048, 4});
   else
-    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2040, 4});
+    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2048, 4});
 }
 
 template <typename T>
