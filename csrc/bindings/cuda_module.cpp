@@ -72,17 +72,9 @@ void weighted_sum(const py::sequence& tensors, const std::vector<double>& coeffs
   hm::gpu::weighted_sum(views, coeffs, K, vo, as_stream(stream));
 }
 
-hm::CostPrecision parse_precision(const std::string& s) {
-  if (s == "fp32") return hm::CostPrecision::exact;
-  if (s == "tf32") return hm::CostPrecision::tf32;
-  if (s == "bf16") return hm::CostPrecision::bf16;
-  if (s == "fp16") return hm::CostPrecision::fp16;
-  hm::value_error("cost_matrix: precision must be 'fp32', 'tf32', 'bf16' or 'fp16', got '", s, "'");
-}
-
 void cost_matrix(const py::sequence& terms, py::handle out, uintptr_t stream, const std::string& precision) {
   const char* fn = "cost_matrix";
-  const hm::CostPrecision prec = parse_precision(precision);
+  const hm::CostPrecision prec = hm::gpu::parse_cost_precision(precision);
   DLPackArgs args;
   std::vector<hm::CostTermViews> views;
   for (size_t t = 0; t < terms.size(); ++t) {

@@ -4,6 +4,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/tensor_view.h"
@@ -231,6 +232,15 @@ std::vector<CostParams<T>> cost_params(const std::vector<CostTermInput>& terms, 
     launches.push_back(p);
   }
   return launches;
+}
+
+// The `precision` option of cost_matrix on CUDA.
+inline CostPrecision parse_cost_precision(const std::string& s) {
+  if (s == "fp32") return CostPrecision::exact;
+  if (s == "tf32") return CostPrecision::tf32;
+  if (s == "bf16") return CostPrecision::bf16;
+  if (s == "fp16") return CostPrecision::fp16;
+  value_error("cost_matrix: precision must be 'fp32', 'tf32', 'bf16' or 'fp16', got '", s, "'");
 }
 
 // Column tiles over grid.x, row tiles over grid.y (n_a up to 65535 row tiles).
