@@ -20,6 +20,13 @@ HM_HD Acc interpolate_value(Acc a, Acc b, Acc lambda) {
   return (Acc(1) - lambda) * a + lambda * b;
 }
 
+// One output element. A padded slot under fill="base" returns a itself, bit for bit: the base unit
+// is left untouched, which (1 - λ)·a + λ·a would not guarantee after rounding.
+template <typename Acc>
+HM_HD Acc interpolate_element(Acc a, Acc b, Acc lambda, bool keep_base) {
+  return keep_base ? a : interpolate_value(a, b, lambda);
+}
+
 // ---- CUDA kernel body (csrc/cuda/interpolate.cu; emulated in csrc/emulation) ---------------
 // a and out are seen as [n0, row_len] (row_len = n1 * n_trailing); each thread reads a chunk of
 // vec_width<T>() elements of a and of the gathered b once, then writes that chunk of all K outputs.
@@ -62,10 +69,14 @@ HM_HD void interpolate_chunk(const InterpolateParams<T>& p, int64_t i, int64_t x
       av[v] = load_as_acc(p.a + i * p.ga.stride0 + j * p.ga.stride1 + trailing_offset(p.ta, x - j * Tn));
     }
   }
+  bool keep[V];  // padded slot under fill="base": the base value, bit for bit
   const int64_t r = mapped_index(p.rows, p.rows_stride, i);
   if (r != kPad && p.vec_b && n == V) {
     load_vec(p.b + r * p.gb.stride0 + x0, raw);
-    for (int v = 0; v < V; ++v) bv[v] = interpolate_target_value(false, load_as_acc(&raw[v]), av[v], p.fill_base);
+    for (int v = 0; v < V; ++v) {
+      bv[v] = interpolate_target_value(false, load_as_acc(&raw[v]), av[v], p.fill_base);
+      keep[v] = false;
+    }
   } else {
     for (int v = 0; v < n; ++v) {
       const int64_t x = x0 + v, j = Tn == 1 ? x : x / Tn;
@@ -74,16 +85,17 @@ HM_HD void interpolate_chunk(const InterpolateParams<T>& p, int64_t i, int64_t x
       const Acc b_value =
           pad ? Acc(0) : load_as_acc(p.b + r * p.gb.stride0 + c * p.gb.stride1 + trailing_offset(p.tb, x - j * Tn));
       bv[v] = interpolate_target_value(pad, b_value, av[v], p.fill_base);
+      keep[v] = pad && p.fill_base;
     }
   }
   T* dst = p.out + i * p.row_len + x0;
   for (int k = 0; k < p.K; ++k, dst += p.plane) {
     const Acc l = p.lambdas[k];
     if (p.vec_out && n == V) {
-      for (int v = 0; v < V; ++v) store_from_acc(&raw[v], interpolate_value(av[v], bv[v], l));
+      for (int v = 0; v < V; ++v) store_from_acc(&raw[v], interpolate_element(av[v], bv[v], l, keep[v]));
       store_vec(dst, raw);
     } else {
-      for (int v = 0; v < n; ++v) store_from_acc(dst + v, interpolate_value(av[v], bv[v], l));
+      for (int v = 0; v < n; ++v) store_from_acc(dst + v, interpolate_element(av[v], bv[v], l, keep[v]));
     }
   }
 }
