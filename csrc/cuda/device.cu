@@ -16,7 +16,12 @@ std::string unavailable_reason() {
     cudaGetLastError();  // clear the sticky error so later calls are not poisoned
     return concat("the CUDA runtime failed to start (", cudaGetErrorName(err), ": ", cudaGetErrorString(err), ")");
   }
-  return "";
+  // The module holds sm_80 / sm_90 code and sm_90 PTX: older GPUs cannot run any of it.
+  for (int d = 0; d < count; ++d) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d) == cudaSuccess && major >= 8) return "";
+  }
+  return "no CUDA device of compute capability 8.0 or newer (this build holds sm_80 and sm_90 code)";
 }
 
 DeviceGuard::DeviceGuard(int device) {
