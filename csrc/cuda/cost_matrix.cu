@@ -72,21 +72,24 @@ __global__ void __launch_bounds__(256) cost_mma_kernel(const __grid_constant__ C
   constexpr int kTileBytes = 2 * (kASize + kBSize) * static_cast<int>(sizeof(Op));
   constexpr int kScratchBytes = kWarps * 256 * static_cast<int>(sizeof(float));
   __shared__ alignas(128) unsigned char smem[kTileBytes > kScratchBytes ? kTileBytes : kScratchBytes];
-  Op* As[2] = {reinterpret_cast<Op*>(smem), reinterpret_cast<Op*>(smem) + kASize};
-  Op* Bs[2] = {reinterpret_cast<Op*>(smem) + 2 * kASize, reinterpret_cast<Op*>(smem) + 2 * kASize + kBSize};
+  // Buffer b of A at tiles + b * kASize, of B at tiles + 2 * kASize + b * kBSize (computed, not
+  // indexed from a pointer array, which would live in local memory).
+  Op* const tiles = reinterpret_cast<Op*>(smem);
 
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
   const int wm = warp / Cfg::WARPS_N, wn = warp % Cfg::WARPS_N;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * Cfg::BM, col0 = static_cast<int64_t>(blockIdx.x) * Cfg::BN;
   wmma::fragment<wmma::accumulator, 16, 16, Cfg::KSTEP, float> acc[kFragM][kFragN];
+  #pragma unroll
   for (int m = 0; m < kFragM; ++m)
+    #pragma unroll
     for (int n = 0; n < kFragN; ++n) wmma::fill_fragment(acc[m][n], 0.0f);
 
   CostStaging<Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, Op> st;
   int term = 0;
   if (p.n_tiles > 0) {
     cost_load_tile<Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, P>(p, 0, 0, row0, col0, thread, st);
-    cost_store_tile<false, Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, Cfg::PAD>(st, thread, As[0], Bs[0]);
+    cost_store_tile<false, Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, Cfg::PAD>(st, thread, tiles, tiles + 2 * kASize);
   }
   __syncthreads();
   for (int64_t s = 0; s < p.n_tiles; ++s) {
@@ -95,26 +98,35 @@ __global__ void __launch_bounds__(256) cost_mma_kernel(const __grid_constant__ C
       term = cost_term_of_tile(p, s + 1, term);
       cost_load_tile<Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, P>(p, term, s + 1, row0, col0, thread, st);
     }
-    const typename W::ptr* a_tile = reinterpret_cast<const typename W::ptr*>(As[s & 1]);
-    const typename W::ptr* b_tile = reinterpret_cast<const typename W::ptr*>(Bs[s & 1]);
+    const int cur = static_cast<int>(s & 1), nxt = cur ^ 1;
+    const typename W::ptr* a_tile = reinterpret_cast<const typename W::ptr*>(tiles + cur * kASize);
+    const typename W::ptr* b_tile = reinterpret_cast<const typename W::ptr*>(tiles + 2 * kASize + cur * kBSize);
+#pragma unroll
     for (int kk = 0; kk < Cfg::BK; kk += Cfg::KSTEP) {
       // Operands were rounded to the tensor-core format while staging (cost_load_tile), so the
       // fragments need no __float_to_tf32 pass.
       wmma::fragment<wmma::matrix_a, 16, 16, Cfg::KSTEP, typename W::frag, wmma::row_major> fa[kFragM];
       wmma::fragment<wmma::matrix_b, 16, 16, Cfg::KSTEP, typename W::frag, wmma::col_major> fb[kFragN];
+      #pragma unroll
       for (int m = 0; m < kFragM; ++m) wmma::load_matrix_sync(fa[m], a_tile + (wm * Cfg::WM + m * 16) * LD + kk, LD);
       // B is staged [BN][BK]: element (k, n) at n * LD + k, i.e. column-major B^T.
+      #pragma unroll
       for (int n = 0; n < kFragN; ++n) wmma::load_matrix_sync(fb[n], b_tile + (wn * Cfg::WN + n * 16) * LD + kk, LD);
+      #pragma unroll
       for (int m = 0; m < kFragM; ++m)
+        #pragma unroll
         for (int n = 0; n < kFragN; ++n) wmma::mma_sync(acc[m][n], fa[m], fb[n], acc[m][n]);
     }
-    if (next) cost_store_tile<false, Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, Cfg::PAD>(st, thread, As[(s + 1) & 1],
-                                                                                      Bs[(s + 1) & 1]);
+    if (next)
+      cost_store_tile<false, Cfg::BM, Cfg::BN, Cfg::BK, Cfg::THREADS, Cfg::PAD>(st, thread, tiles + nxt * kASize,
+                                                                               tiles + 2 * kASize + nxt * kBSize);
     __syncthreads();
   }
   // The loop ended on a barrier, so the operand tiles are free to hold the epilogue scratch.
   float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
+  #pragma unroll
   for (int m = 0; m < kFragM; ++m)
+    #pragma unroll
     for (int n = 0; n < kFragN; ++n) {
       wmma::store_matrix_sync(scratch, acc[m][n], 16, wmma::mem_row_major);
       __syncwarp();
