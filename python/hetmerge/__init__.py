@@ -1,0 +1,33 @@
+"""hetmerge: merge neural networks whose layers differ in width and depth.
+
+Native primitives live in :mod:`hetmerge.ops`; see DESIGN.md for their semantics.
+"""
+from __future__ import annotations
+
+import torch as _torch
+
+from . import _C, ops
+from ._backend import cuda_status as _cuda_status
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by hetmerge's CPU kernels (default: torch's thread count at import)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return int(_C.get_num_threads())
+
+
+def cuda_available() -> bool:
+    """True when CUDA tensors can go through hetmerge.ops (built with CUDA, driver and device present)."""
+    return _cuda_status() is None
+
+
+_C.set_num_threads(max(1, _torch.get_num_threads()))
+
+__all__ = ["ops", "set_num_threads", "get_num_threads", "cuda_available", "__version__"]

@@ -1,0 +1,125 @@
+"""Argument normalisation shared by the ops wrappers: frameworks, index maps, outputs, backends."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import _C
+
+try:  # The CUDA module is optional: absent when built without nvcc, unusable without a driver.
+    from . import _cuda  # type: ignore[attr-defined]
+
+    _CUDA_IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _cuda = None
+    _CUDA_IMPORT_ERROR = str(exc)
+
+Array = Any  # torch.Tensor | numpy.ndarray
+
+_TORCH_INDEX = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def as_array(x: Any, fn: str, arg: str) -> Array:
+    """torch tensors and numpy arrays pass through; other DLPack producers become torch tensors."""
+    if isinstance(x, torch.Tensor):
+        # The primitives are not differentiable; exporting a tensor that requires grad would fail.
+        return x.detach() if x.requires_grad else x
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__"):
+        return torch.from_dlpack(x)
+    raise TypeError(f"{fn}: {arg} must be a torch.Tensor, numpy.ndarray or DLPack array, got {type(x).__name__}")
+
+
+def index_map(m: Any, fn: str, arg: str, like: Array) -> Array | None:
+    """An int64 index map in like's framework and device (None stays None)."""
+    if m is None:
+        return None
+    if isinstance(like, torch.Tensor):
+        if isinstance(m, torch.Tensor):
+            if m.dtype.is_floating_point or m.dtype.is_complex or m.dtype == torch.bool:
+                raise TypeError(f"{fn}: {arg} must be an integer index map, got {m.dtype}")
+            return m.detach().to(device=like.device, dtype=torch.int64)
+        arr = np.asarray(m)
+        _check_integer(arr, fn, arg)
+        return torch.as_tensor(arr.astype(np.int64, copy=False), device=like.device)
+    if isinstance(m, torch.Tensor):
+        if m.dtype.is_floating_point or m.dtype.is_complex or m.dtype == torch.bool:
+            raise TypeError(f"{fn}: {arg} must be an integer index map, got {m.dtype}")
+        m = m.detach().cpu().numpy()
+    arr = np.asarray(m)
+    _check_integer(arr, fn, arg)
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_integer(arr: np.ndarray, fn: str, arg: str) -> None:
+    if arr.size == 0 and arr.dtype.kind == "f":
+        return  # np.asarray([]) is float64; an empty map is still a valid map
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: {arg} must be an integer index map, got dtype {arr.dtype}")
+
+
+def float_list(values: Any, fn: str, arg: str) -> list[float]:
+    """A 1-D sequence/tensor/array of numbers as Python floats (they travel by value to the kernels)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{fn}: {arg} must be 1-D, got shape {tuple(arr.shape)}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{fn}: {arg}[{i}] = {arr[i]} is not finite")
+    return arr.tolist()
+
+
+def empty_like_framework(shape: Sequence[int], like: Array, dtype: Any = None) -> Array:
+    if isinstance(like, torch.Tensor):
+        return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+    return np.empty(tuple(shape), dtype=dtype or like.dtype)
+
+
+def check_out(out: Any, fn: str, like: Array) -> Array:
+    if isinstance(like, torch.Tensor) != isinstance(out, torch.Tensor):
+        raise TypeError(f"{fn}: out must be a {type(like).__name__} like the inputs, got {type(out).__name__}")
+    return out
+
+
+def is_torch(x: Array) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def is_cuda(x: Array) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_cuda
+
+
+def cuda_status() -> str | None:
+    """None when CUDA tensors can be processed, else the reason why not."""
+    if _cuda is None:
+        return f"hetmerge was built without its CUDA backend ({_CUDA_IMPORT_ERROR})"
+    reason = _cuda.unavailable_reason()
+    return reason or None
+
+
+def backend(like: Array, fn: str):
+    """The native module for like's device, and the extra arguments its entry points take."""
+    if not is_cuda(like):
+        return _C, {}
+    reason = cuda_status()
+    if reason is not None:
+        raise RuntimeError(f"{fn}: got a CUDA tensor but {reason}")
+    stream = torch.cuda.current_stream(like.device).cuda_stream
+    return _cuda, {"stream": stream}
+
+
+def shape_of(x: Array) -> tuple[int, ...]:
+    return tuple(int(s) for s in x.shape)
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
