@@ -43,13 +43,15 @@ class AssemblyResult:
 
 def pick_lam(curve: SweepResult, tol: float) -> int:
     """Index of the λ that maximizes the target-domain accuracy (then lower target loss, then smaller
-    λ) among those whose base-domain accuracy stays within tol of the base's; without target data, λ*."""
+    λ) among λ <= λ*, i.e. where the base-domain accuracy stays within tol of the base's all the way
+    from λ = 0; without target data, λ* itself."""
+    from .evaluate import lam_star
     lam = curve.lambdas
     i0 = int(torch.argmin(lam))
-    acc0 = float(curve.acc[i0])
-    ok = [i for i in range(lam.numel()) if float(curve.acc[i]) >= acc0 - tol - 1e-12]
-    if curve.target_acc is None:
-        return max(ok, key=lambda i: float(lam[i])) if ok else i0
+    ls = lam_star(lam, curve.acc, float(curve.acc[i0]), tol)
+    ok = [i for i in range(lam.numel()) if float(lam[i]) <= ls]
+    if curve.target_acc is None or not ok:
+        return int(torch.nonzero(lam == ls)[0]) if bool((lam == ls).any()) else i0
     return max(ok, key=lambda i: (float(curve.target_acc[i]), -float(curve.target_loss[i]), -float(lam[i])))
 
 
