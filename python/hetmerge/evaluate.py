@@ -18,7 +18,7 @@ from torch.func import functional_call, vmap
 
 from .merge import interpolate_params, resolve
 
-__all__ = ["SweepResult", "sweep", "barrier", "lam_star"]
+__all__ = ["SweepResult", "sweep", "barrier", "lam_star", "recompute_bn"]
 
 
 @dataclass
@@ -92,6 +92,13 @@ def _reestimate_bn(template: nn.Module, params_k: dict, bn_data, batch_size) -> 
     for X, _ in _batches(bn_data, batch_size):
         m(X)
     return {k: v for k, v in m.state_dict().items() if "running_" in k}
+
+
+def recompute_bn(model: nn.Module, data, batch_size: int | None = None) -> nn.Module:
+    """A copy of `model` whose BatchNorm running statistics are re-estimated on `data`."""
+    m = copy.deepcopy(model)
+    m.load_state_dict(_reestimate_bn(model, model.state_dict(), data, batch_size), strict=False)
+    return m.train(model.training)
 
 
 def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any = None,

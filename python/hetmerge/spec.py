@@ -296,7 +296,10 @@ def trace_spec(model: nn.Module, example_input: Any = None) -> PermSpec:
     n_inputs = 0
 
     def tensor_args(node):
-        return [vals[a] for a in node.args if isinstance(a, fx.Node) and vals.get(a) is not None]
+        # every tensor the node reads, nested lists (torch.cat([a, b])) and kwargs included
+        found = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
+        return [vals[a] for a in found if vals.get(a) is not None]
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
