@@ -76,6 +76,7 @@ def _choice(*choices: str) -> Callable[[Any], str]:
         if v not in choices:
             raise ValueError(f"expected one of {list(choices)}, got {v!r}")
         return v
+    parse.choices = choices   # shown as the flag's metavar
     return parse
 
 
@@ -203,7 +204,9 @@ def add_option_flags(parser, only: list[str] | None = None) -> None:
         default = f.default
         shown = default if not isinstance(default, str) else repr(default)
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"opt_{f.name}", default=None,
-                           metavar=f.metadata.get("metavar") or f.name.upper(),
+                           metavar=f.metadata.get("metavar") or ("{" + ",".join(f.metadata["parse"].choices) + "}"
+                                                                 if hasattr(f.metadata["parse"], "choices")
+                                                                 else f.name.upper()),
                            help=f"{f.metadata['help']} (default: {shown})")
 
 
