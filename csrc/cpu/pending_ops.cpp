@@ -8,8 +8,4 @@ void cost_matrix(const std::vector<CostTerm>&, const TensorView&) {
   throw std::runtime_error("cost_matrix: the CPU kernel is not built yet");
 }
 
-void linear_assignment(const TensorView&, bool, const TensorView&, const TensorView&) {
-  throw std::runtime_error("linear_assignment: the CPU solver is not built yet");
-}
-
 }  // namespace hm::cpu
