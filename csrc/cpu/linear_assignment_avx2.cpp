@@ -155,11 +155,13 @@ bool cands_impl(const T* row, int64_t n, double sign, const double* v, Cands* ou
   for (; k + 8 <= n; k += 8) {
     const __m256d c0 = _mm256_mul_pd(load4(row + k), sv);
     const __m256d c1 = _mm256_mul_pd(load4(row + k + 4), sv);
-    if constexpr (check) bad = _mm256_or_pd(bad, _mm256_or_pd(rejected(c0), rejected(c1)));
     const __m256d r0 = has_v ? _mm256_sub_pd(c0, _mm256_loadu_pd(v + k)) : c0;
     const __m256d r1 = has_v ? _mm256_sub_pd(c1, _mm256_loadu_pd(v + k + 4)) : c1;
     // After the first few columns a value rarely enters a lane's top three: test before blending.
-    if (_mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(r0, a.m3, _CMP_LT_OQ), _mm256_cmp_pd(r1, b.m3, _CMP_LT_OQ)))) {
+    // "Not >=" is also true for NaN, and -inf (v is finite) always enters, so the NaN/-inf
+    // screen only needs to run on this rare path.
+    if (_mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(r0, a.m3, _CMP_NGE_UQ), _mm256_cmp_pd(r1, b.m3, _CMP_NGE_UQ)))) {
+      if constexpr (check) bad = _mm256_or_pd(bad, _mm256_or_pd(rejected(c0), rejected(c1)));
       a.push(r0, k0);
       b.push(r1, k1);
     }
@@ -204,10 +206,12 @@ bool col_min_impl(const T* row, int64_t n, double sign, int32_t r, double* colmi
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
     const __m256d x = _mm256_mul_pd(load4(row + k), sv);
-    bad = _mm256_or_pd(bad, rejected(x));
     const __m256d cur = _mm256_load_pd(colmin + k);
+    // Row r rarely sets a new column minimum once r is large. "Not >=" also catches NaN, and -inf
+    // is always a new minimum, so the NaN/-inf screen runs only on this rare path.
+    if (!_mm256_movemask_pd(_mm256_cmp_pd(x, cur, _CMP_NGE_UQ))) continue;
+    bad = _mm256_or_pd(bad, rejected(x));
     const __m256d lt = _mm256_cmp_pd(x, cur, _CMP_LT_OQ);
-    if (!_mm256_movemask_pd(lt)) continue;  // row r rarely sets a new column minimum once r is large
     _mm256_store_pd(colmin + k, _mm256_blendv_pd(cur, x, lt));
     __m128i* a = reinterpret_cast<__m128i*>(argrow + k);
     _mm_store_si128(a, _mm_blendv_epi8(_mm_load_si128(a), rv, narrow_mask(lt)));
