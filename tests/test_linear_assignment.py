@@ -254,6 +254,16 @@ def test_huge_values_do_not_overflow(kernels):
     check(c, maximize=True)
 
 
+@pytest.mark.parametrize("shape", [(50, 50), (30, 60), (60, 30)])
+def test_near_overflow_values_still_give_a_valid_assignment(kernels, shape):
+    # Reduced costs of values near the float64 limit overflow to inf; the solver must still
+    # terminate with a valid assignment (scipy's objective overflows too, so only validity is checked).
+    c = np.random.default_rng(5).standard_normal(shape) * 1e307
+    r, col = ops.linear_assignment(c)
+    k = min(shape)
+    assert np.all(np.diff(r) > 0) and len(np.unique(col)) == k
+
+
 def test_rejects_other_dtypes():
     with pytest.raises(TypeError):
         ops.linear_assignment(torch.zeros(3, 3, dtype=torch.float16))
