@@ -1,0 +1,201 @@
+"""Sweep of the merging factor λ: loss and accuracy per λ, the loss barrier and λ*.
+
+All K factors are evaluated together: one ``ops.interpolate`` per paired tensor gives the K merged
+tensors, and one vmapped ``torch.func.functional_call`` runs the K models on each batch. Factors are
+processed in chunks so that the K stacked copies of the weights stay under a memory bound.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from .merge import interpolate_params, resolve
+
+__all__ = ["SweepResult", "sweep", "barrier", "lam_star", "recompute_bn"]
+
+
+@dataclass
+class SweepResult:
+    """lambdas, loss, acc: [K] (base-domain data; loss is the mean per sample, acc in [0, 1]).
+    barrier: max_λ [L(λ) - ((1-λ)·L(0) + λ·L(1))] on the base-domain data.
+    lam_star: largest λ such that every swept λ' <= λ keeps base-domain accuracy within `tol`
+    of the base's (λ = 0).
+    target_*: the same on target-domain data, when given.
+    bn_reset: whether BatchNorm statistics were re-estimated for each λ.
+    """
+    lambdas: torch.Tensor
+    loss: torch.Tensor
+    acc: torch.Tensor
+    barrier: float
+    lam_star: float
+    target_loss: torch.Tensor | None = None
+    target_acc: torch.Tensor | None = None
+    target_barrier: float | None = None
+    bn_reset: bool = False
+    tol: float = 0.01
+    timings: dict = field(default_factory=dict)
+
+
+def barrier(lambdas: torch.Tensor, loss: torch.Tensor, loss0: float, loss1: float) -> float:
+    """max_λ [L(λ) - ((1-λ)·L(0) + λ·L(1))]."""
+    lam = lambdas.double()
+    return float((loss.double() - ((1 - lam) * loss0 + lam * loss1)).max())
+
+
+def lam_star(lambdas: torch.Tensor, acc: torch.Tensor, acc0: float, tol: float) -> float:
+    """Largest λ whose accuracy, and that of every smaller swept λ, stays within tol of acc0."""
+    order = torch.argsort(lambdas)
+    best = 0.0
+    for i in order.tolist():
+        if float(acc[i]) < acc0 - tol - 1e-12:
+            break
+        best = float(lambdas[i])
+    return best
+
+
+def _batches(data, batch_size: int | None):
+    """(X, y) tensors, or any iterable of (X, y) batches (a DataLoader)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        X, y = data
+        if batch_size is None or batch_size >= len(X):
+            yield X, y
+        else:
+            for i in range(0, len(X), batch_size):
+                yield X[i:i + batch_size], y[i:i + batch_size]
+    else:
+        for batch in data:
+            yield batch[0], batch[1]
+
+
+def _has_bn(m: nn.Module) -> bool:
+    return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+
+@torch.no_grad()
+def _reestimate_bn(template: nn.Module, params_k: dict, bn_data, batch_size) -> dict[str, torch.Tensor]:
+    """Running statistics of the model with weights `params_k`, recomputed on `bn_data`
+    (cumulative average over the batches, as torch does with momentum=None)."""
+    m = copy.deepcopy(template)
+    m.load_state_dict(params_k, strict=False)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    for X, _ in _batches(bn_data, batch_size):
+        m(X)
+    return {k: v for k, v in m.state_dict().items() if "running_" in k}
+
+
+def recompute_bn(model: nn.Module, data, batch_size: int | None = None) -> nn.Module:
+    """A copy of `model` whose BatchNorm running statistics are re-estimated on `data`."""
+    m = copy.deepcopy(model)
+    m.load_state_dict(_reestimate_bn(model, model.state_dict(), data, batch_size), strict=False)
+    return m.train(model.training)
+
+
+def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any = None,
+          target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
+          loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
+          max_chunk_bytes: int = 1 << 29) -> SweepResult:
+    """Evaluate the merge of `target` into `base` at K merging factors at once.
+
+    res: AlignResult, or None for the unaligned baseline (maps by position).
+    lambdas: [K] factors in [0, 1] (default 0, 0.05, ..., 1).
+    data: base-domain (X, y) tensors or an iterable of (X, y) batches; target_data likewise (optional).
+    tol: accuracy tolerance of λ* as a fraction (0.01 = 1 point).
+    loss_fn: (logits [N, C], y [N]) -> per-sample losses [N]; default cross-entropy.
+    bn_data: when given, BatchNorm running statistics are re-estimated on it for each λ (interpolated
+      statistics are wrong for the merged weights); otherwise they are interpolated like the weights.
+    max_chunk_bytes: bound on the stacked merged weights held at once.
+    """
+    if data is None:
+        raise ValueError("sweep: data= (base-domain (X, y) or batches) is required")
+    if fill not in ("zero", "base"):
+        raise ValueError(f"fill: expected 'zero' or 'base', got {fill!r}")
+    t_start = time.perf_counter()
+    if lambdas is None:
+        lambdas = torch.linspace(0, 1, 21)
+    lambdas = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
+    if lambdas.numel() == 0:
+        raise ValueError("lambdas: must not be empty")
+    pairing, maps = resolve(base, target, res, layer_map)
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+
+    # the endpoints are needed for the barrier even when not swept
+    ends = [x for x in (0.0, 1.0) if not bool((lambdas == x).any())]
+    lam_all = torch.cat([lambdas, torch.tensor(ends, dtype=torch.float64)])
+    K = lam_all.numel()
+
+    template = copy.deepcopy(base).eval()
+    sa = base.state_dict()
+    sb = target.state_dict()
+    paired = {pp.base_key for pp in pairing.params}
+    names = dict(template.named_parameters())
+    names.update(dict(template.named_buffers()))
+    # float tensors the K models differ in; everything else is shared (in_dims=None)
+    fixed = {k: v for k, v in names.items() if k not in paired}
+    bytes_per_model = sum(sa[k].numel() * sa[k].element_size() for k in paired) or 1
+    chunk = max(1, min(K, max_chunk_bytes // bytes_per_model))
+    reset_bn = bn_data is not None and _has_bn(template)
+
+    def model_fn(p, x):
+        return functional_call(template, {**fixed, **p}, (x,))
+
+    domains = [("base", data)] + ([("target", target_data)] if target_data is not None else [])
+    sums = {d: (torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64), [0])
+            for d, _ in domains}
+    t_interp = t_fwd = 0.0
+    with torch.no_grad():
+        for s in range(0, K, chunk):
+            lam = lam_all[s:s + chunk]
+            t0 = time.perf_counter()
+            stacked = {}
+            for k, v in interpolate_params(pairing, maps, sa, sb, lam.to(torch.float32), fill).items():
+                stacked[k] = v
+            if reset_bn:
+                stats = [_reestimate_bn(template, {k: v[i] for k, v in stacked.items()}, bn_data,
+                                        batch_size) for i in range(len(lam))]
+                for k in stats[0]:
+                    stacked[k] = torch.stack([st[k] for st in stats])
+                    fixed.pop(k, None)
+            t1 = time.perf_counter()
+            t_interp += t1 - t0
+            batched = vmap(model_fn, in_dims=(0, None))
+            for d, dd in domains:
+                loss_sum, correct, count = sums[d]
+                n_seen = 0
+                for X, y in _batches(dd, batch_size):
+                    logits = batched(stacked, X)                      # [k, N, C]
+                    kk, n = logits.shape[0], logits.shape[1]
+                    per = loss_fn(logits.reshape(kk * n, -1), y.repeat(kk)).reshape(kk, n)
+                    loss_sum[s:s + kk] += per.sum(1).double().cpu()
+                    correct[s:s + kk] += (logits.argmax(-1) == y).sum(1).double().cpu()
+                    n_seen += n
+                count[0] = n_seen
+            t_fwd += time.perf_counter() - t1
+
+    out = {}
+    for d, _ in domains:
+        loss_sum, correct, count = sums[d]
+        loss, acc = loss_sum / count[0], correct / count[0]
+        idx0 = int(torch.nonzero(lam_all == 0.0)[0])
+        idx1 = int(torch.nonzero(lam_all == 1.0)[0])
+        n_user = lambdas.numel()
+        out[d] = (loss[:n_user].float(), acc[:n_user].float(),
+                  barrier(lambdas, loss[:n_user], float(loss[idx0]), float(loss[idx1])), float(acc[idx0]))
+    loss, acc, bar, acc0 = out["base"]
+    res_ = SweepResult(lambdas=lambdas.float(), loss=loss, acc=acc, barrier=bar,
+                       lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol,
+                       timings={"interpolate": t_interp, "forward": t_fwd,
+                                "total": time.perf_counter() - t_start})
+    if "target" in out:
+        res_.target_loss, res_.target_acc, res_.target_barrier, _ = out["target"]
+    return res_

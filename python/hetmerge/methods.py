@@ -1,0 +1,166 @@
+"""Alignment methods: how the cost of one link (base group <- target group) is built.
+
+WeightMatching: the cost of a link is the similarity of the weights of every paired tensor touching it,
+the neighbouring links' current maps applied on the inner axis -- one ``ops.cost_matrix`` call.
+Activation matching: correlation of hidden activations on a batch of data -- the same call on
+activations (units × samples).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .spec import Pairing, PermSpec, expand_map
+
+__all__ = ["WeightMatching", "unit_view", "transform", "activation_costs"]
+
+
+def unit_view(t: torch.Tensor, d: int, blocks: tuple) -> tuple[torch.Tensor, int]:
+    """View tensor `t` as [units of axis d, units of the other axis · block] (other axis major).
+
+    t: [n0·b0, n1·b1, *trailing] (or [n0·b0] for 1-D); returns (view, block) with
+    block = b0·b1·prod(trailing), which is what ``ops.cost_matrix`` needs to apply the other axis's
+    map without materializing it. Linear weights come back as plain (transposed) views; conv kernels
+    and flattened inputs need one copy (done once per alignment).
+    """
+    if t.dim() == 1:
+        return t.view(-1, blocks[0]), blocks[0]
+    b0, b1 = blocks[0], blocks[1]
+    n0, n1 = t.shape[0] // b0, t.shape[1] // b1
+    trail = math.prod(t.shape[2:])
+    v = t.reshape(n0, b0, n1, b1 * trail)
+    v = v.permute(0, 2, 1, 3) if d == 0 else v.permute(2, 0, 1, 3)
+    return v.reshape(v.shape[0], -1), b0 * b1 * trail
+
+
+def transform(pp, maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, cols) entry maps of one paired tensor, for ops.permute_pad / ops.interpolate."""
+    rows = expand_map(maps[pp.links[0]], pp.blocks[0])
+    cols = expand_map(maps[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
+    return rows, cols
+
+
+class WeightMatching:
+    """Weight-matching costs and objective for one pairing.
+
+    objective="inner": maximize sum_p <A_p, T(B_p)> (T = the maps, padding zero).
+    objective="l2":    minimize sum_p ||A_p - T(B_p)||^2, i.e. maximize 2<A, T(B)> - ||T(B)||^2; the
+                       second term only depends on which target units are kept, so the two differ
+                       only where target units are dropped (target wider than base).
+    """
+
+    def __init__(self, pairing: Pairing, sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor],
+                 objective: str = "inner", links: list[str] | None = None):
+        if objective not in ("inner", "l2"):
+            raise ValueError(f"objective: expected 'inner' or 'l2', got {objective!r}")
+        self.objective_kind = objective
+        self.pairing = pairing
+        self.a = {pp.base_key: sa[pp.base_key].detach() for pp in pairing.params}
+        self.b = {pp.target_key: sb[pp.target_key].detach() for pp in pairing.params}
+        solve = set(links) if links is not None else {n for n, l in pairing.links.items() if l.free}
+        # per link: [(A view, B view, B² view, other link or None, block)]
+        self.terms: dict[str, list] = {n: [] for n in solve}
+        self.neighbours: dict[str, tuple[str, ...]] = {}
+        for pp in pairing.params:
+            a, b = self.a[pp.base_key], self.b[pp.target_key]
+            for d, ln in enumerate(pp.links):
+                if ln not in self.terms:
+                    continue
+                av, blk = unit_view(a, d, pp.blocks)
+                bv, _ = unit_view(b, d, pp.blocks)
+                other = pp.links[1 - d] if len(pp.links) == 2 else None
+                b2 = bv.square() if objective == "l2" else None
+                self.terms[ln].append((av, bv, b2, other, blk))
+        for ln, terms in self.terms.items():
+            self.neighbours[ln] = tuple(sorted({t[3] for t in terms if t[3] is not None}))
+        na = sum(float(t.double().square().sum()) for t in self.a.values())
+        nb = sum(float(t.double().square().sum()) for t in self.b.values())
+        # normalizes the trace: cosine similarity (inner) or relative distance (l2)
+        self.scale = math.sqrt(na * nb) if objective == "inner" else (na + nb)
+        self.scale = self.scale or 1.0
+        self.base_sq = na
+
+    def cost(self, link: str, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[n_a, n_b] cost of `link` given the other links' maps (maximize)."""
+        terms = [(av, bv, maps[o] if o is not None else None, blk)
+                 for av, bv, _, o, blk in self.terms[link]]
+        C = ops.cost_matrix(terms)
+        if self.objective_kind == "l2":
+            # ||T(B)_j||^2 of each target unit j over the mapped inner entries: a 1 × n_b cost
+            norms = [(torch.ones(1, av.shape[1], dtype=av.dtype, device=av.device), b2,
+                      maps[o] if o is not None else None, blk)
+                     for av, _, b2, o, blk in self.terms[link]]
+            C = 2 * C - ops.cost_matrix(norms)
+        return C
+
+    def objective(self, maps: Mapping[str, torch.Tensor]) -> float:
+        """sum_p <A_p, T(B_p)> (inner), or -sum_p ||A_p - T(B_p)||^2 (l2)."""
+        total = 0.0
+        for pp in self.pairing.params:
+            a, b = self.a[pp.base_key], self.b[pp.target_key]
+            rows, cols = transform(pp, maps)
+            tb = ops.permute_pad(b, rows, cols)
+            if self.objective_kind == "inner":
+                total += float(torch.dot(a.reshape(-1), tb.reshape(-1)))
+            else:
+                total -= float((a - tb).square().sum())
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# activation matching
+# ---------------------------------------------------------------------------------------------
+
+def _collect(model: nn.Module, spec: PermSpec, groups: set, X) -> dict[str, torch.Tensor]:
+    """Activations [units, samples] entering each group's probe module, on a copy of the model."""
+    m = copy.deepcopy(model).eval()
+    mods = dict(m.named_modules())
+    acts: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(g, kind):
+        def hook(_mod, inp):
+            x = inp[0].detach()
+            if kind == "conv":
+                u = x.transpose(0, 1).reshape(x.shape[1], -1)
+            else:
+                n = spec.sizes[g]
+                u = x.reshape(-1, n, x.shape[-1] // n).permute(1, 0, 2).reshape(n, -1)
+            acts[g] = u
+        return hook
+
+    for g in groups:
+        path, kind = spec.probes[g]
+        hooks.append(mods[path].register_forward_pre_hook(hook_for(g, kind)))
+    with torch.no_grad():
+        m(X)
+    for h in hooks:
+        h.remove()
+    return acts
+
+
+def _standardize(u: torch.Tensor) -> torch.Tensor:
+    u = u - u.mean(1, keepdim=True)
+    return u / (u.norm(dim=1, keepdim=True) + 1e-8)
+
+
+def activation_costs(pairing: Pairing, base: nn.Module, target: nn.Module, bspec: PermSpec,
+                     tspec: PermSpec, X) -> dict[str, torch.Tensor]:
+    """Correlation cost [n_a, n_b] for every free link whose two groups have probes in their specs
+    and whose activations have the same number of samples; other links are left to weight matching."""
+    cand = {n: l for n, l in pairing.links.items()
+            if l.free and l.base_group in bspec.probes and l.target_group in tspec.probes}
+    acts_a = _collect(base, bspec, {l.base_group for l in cand.values()}, X)
+    acts_b = _collect(target, tspec, {l.target_group for l in cand.values()}, X)
+    out = {}
+    for n, l in cand.items():
+        ua, ub = acts_a[l.base_group], acts_b[l.target_group]
+        if ua.shape[1] != ub.shape[1]:
+            continue   # different spatial sizes: no sample-wise correspondence
+        out[n] = ops.cost_matrix([(_standardize(ua), _standardize(ub), None, 1)])
+    return out

@@ -1,0 +1,83 @@
+"""hm.merge: invariances first (λ = 0 is the base; a narrower target merged at λ = 1 with zero fill is
+the target, exactly), then per-layer λ, fill="base", and immutability of the inputs."""
+import pytest
+import torch
+
+import hetmerge as hm
+from hetmerge import models as hmm
+
+from helpers_models import digits, randomize_bn, same_state, state_copy, trained_mlp
+
+
+def test_lam_zero_is_the_base():
+    base, target = trained_mlp((128, 64), 0), trained_mlp((64, 32), 1)
+    res = hm.align(base, target)
+    X = digits().X_test
+    assert torch.equal(hm.merge(base, target, res, lam=0.0)(X), base(X))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_bn", "cnn_bn", "res_mlp", "res_cnn"])
+def test_zero_padding_invariance(kind):
+    """A target narrower than the base, merged at λ = 1 with fill="zero", reproduces the target: padded
+    units get zero weights in and out (and zero BN scale, shift and statistics)."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        base, target, x = hmm.mlp(64, [48, 40], 10), hmm.mlp(64, [32, 16], 10), torch.randn(30, 64)
+    elif kind == "mlp_bn":
+        base, target = hmm.mlp(64, [48, 40], 10, bn=True), hmm.mlp(64, [32, 16], 10, bn=True)
+        x = torch.randn(30, 64)
+    elif kind == "cnn_bn":
+        base, target = hmm.cnn(1, [8, 12], 10, (8, 8), hidden=20), hmm.cnn(1, [6, 5], 10, (8, 8), hidden=9)
+        x = torch.randn(6, 1, 8, 8)
+    elif kind == "res_mlp":
+        base, target = hmm.res_mlp(64, 32, 2, 10, hidden=40), hmm.res_mlp(64, 20, 2, 10, hidden=24)
+        x = torch.randn(30, 64)
+    else:
+        base, target = hmm.res_cnn(1, 8, 2, 10), hmm.res_cnn(1, 5, 2, 10)
+        x = torch.randn(4, 1, 8, 8)
+    base, target = randomize_bn(base, 1), randomize_bn(target, 2)
+    res = hm.align(base, target)
+    assert all(int((m >= 0).sum()) == res.pairing.links[g].n_b for g, m in res.maps.items())
+    merged = hm.merge(base, target, res, lam=1.0, fill="zero")
+    torch.testing.assert_close(merged(x), target(x), rtol=1e-5, atol=1e-5)
+    # the same holds for the unaligned baseline (maps by position)
+    torch.testing.assert_close(hm.merge(base, target, None, lam=1.0)(x), target(x), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_is_the_interpolation_of_the_aligned_weights():
+    base, target = trained_mlp((128, 64), 0), trained_mlp((64, 32), 1)
+    res = hm.align(base, target)
+    m = hm.merge(base, target, res, lam=0.3)
+    src0, src1 = res.maps["fc0"], res.maps["fc1"]
+    tw = torch.zeros(64, 128)
+    ok0, ok1 = src0 >= 0, src1 >= 0
+    tw[torch.nonzero(ok1)[:, 0][:, None], torch.nonzero(ok0)[:, 0][None, :]] = \
+        target.fc1.weight.detach()[src1[ok1]][:, src0[ok0]]
+    torch.testing.assert_close(m.fc1.weight.detach(), 0.7 * base.fc1.weight.detach() + 0.3 * tw)
+
+
+def test_per_layer_lam_and_fill_base():
+    base, target = trained_mlp((128, 64), 0), trained_mlp((64, 32), 1)
+    before = state_copy(base), state_copy(target)
+    res = hm.align(base, target)
+    m = hm.merge(base, target, res, lam={"fc0": 0.5})
+    assert torch.equal(m.fc1.weight, base.fc1.weight) and torch.equal(m.head.bias, base.head.bias)
+    assert not torch.equal(m.fc0.weight, base.fc0.weight)
+    with pytest.raises(KeyError, match="lam: 'fc9'"):
+        hm.merge(base, target, res, lam={"fc9": 0.5})
+    # fill="base": base units without a partner keep their weights instead of shrinking to zero
+    mb = hm.merge(base, target, res, lam=1.0, fill="base")
+    free = res.maps["fc0"] < 0
+    assert torch.equal(mb.fc0.weight[free], base.fc0.weight[free])
+    mz = hm.merge(base, target, res, lam=1.0, fill="zero")
+    assert bool((mz.fc0.weight[free] == 0).all())
+    with pytest.raises(ValueError, match="fill"):
+        hm.merge(base, target, res, lam=0.5, fill="mean")
+    assert same_state(base, before[0]) and same_state(target, before[1])
+    assert m is not base and mb is not base
+
+
+def test_merge_rejects_a_foreign_result():
+    base = trained_mlp((64, 32), 0)
+    with pytest.raises(ValueError, match="res:"):
+        hm.merge(base, base, res=object(), lam=0.5)
