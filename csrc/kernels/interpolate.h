@@ -19,4 +19,11 @@ HM_HD Acc interpolate_value(Acc a, Acc b, Acc lambda) {
   return (Acc(1) - lambda) * a + lambda * b;
 }
 
+// One output element. A padded slot under fill="base" returns a itself, bit for bit: the base unit
+// is left untouched, which (1 - λ)·a + λ·a would not guarantee after rounding.
+template <typename Acc>
+HM_HD Acc interpolate_element(Acc a, Acc b, Acc lambda, bool keep_base) {
+  return keep_base ? a : interpolate_value(a, b, lambda);
+}
+
 }  // namespace hm
