@@ -76,19 +76,7 @@ void cost_matrix(const py::sequence& terms, py::handle out, uintptr_t stream, co
   const char* fn = "cost_matrix";
   const hm::CostPrecision prec = hm::gpu::parse_cost_precision(precision);
   DLPackArgs args;
-  std::vector<hm::CostTermViews> views;
-  for (size_t t = 0; t < terms.size(); ++t) {
-    const std::string name = hm::concat("terms[", t, "]");
-    py::tuple term = py::reinterpret_borrow<py::object>(terms[t]);
-    if (term.size() != 4) hm::value_error(fn, ": ", name, " must be (A, B, map, block)");
-    hm::CostTermViews v;
-    v.a = args.view(term[0], fn, (name + ".A").c_str());
-    v.b = args.view(term[1], fn, (name + ".B").c_str());
-    v.has_map = !term[2].is_none();
-    if (v.has_map) v.map = args.view(term[2], fn, (name + ".map").c_str());
-    v.block = term[3].cast<int64_t>();
-    views.push_back(v);
-  }
+  std::vector<hm::CostTermViews> views = hm::import_cost_terms(args, terms, fn);
   const TensorView vo = args.view(out, fn, "out");
   if (!views.empty()) require_cuda(views[0].a, fn, "terms[0].A");
   hm::check_cost_matrix(views, vo);

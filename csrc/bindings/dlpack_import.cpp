@@ -96,6 +96,23 @@ const TensorView* DLPackArgs::optional_view(py::handle obj, const char* fn, cons
   return optional_views_.back().get();
 }
 
+std::vector<CostTermViews> import_cost_terms(DLPackArgs& args, const py::sequence& terms, const char* fn) {
+  std::vector<CostTermViews> views;
+  for (size_t t = 0; t < terms.size(); ++t) {
+    const std::string name = concat("terms[", t, "]");
+    py::tuple term = py::reinterpret_borrow<py::object>(terms[t]);
+    if (term.size() != 4) value_error(fn, ": ", name, " must be (A, B, map, block)");
+    CostTermViews v;
+    v.a = args.view(term[0], fn, (name + ".A").c_str());
+    v.b = args.view(term[1], fn, (name + ".B").c_str());
+    v.has_map = !term[2].is_none();
+    if (v.has_map) v.map = args.view(term[2], fn, (name + ".map").c_str());
+    v.block = term[3].cast<int64_t>();
+    views.push_back(v);
+  }
+  return views;
+}
+
 void register_exceptions() {
   py::register_exception_translator([](std::exception_ptr p) {
     try {

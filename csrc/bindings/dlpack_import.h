@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "common/op_checks.h"
 #include "common/tensor_view.h"
 
 namespace hm {
@@ -20,6 +21,9 @@ class DLPackArgs {
   std::vector<pybind11::object> capsules_;
   std::vector<std::unique_ptr<TensorView>> optional_views_;
 };
+
+// Imports ops.cost_matrix's terms: a sequence of (A, B, map or None, block) tuples.
+std::vector<CostTermViews> import_cost_terms(DLPackArgs& args, const pybind11::sequence& terms, const char* fn);
 
 // Registers translators for hm::ValueError / hm::TypeError on a module.
 void register_exceptions();

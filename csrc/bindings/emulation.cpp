@@ -59,19 +59,7 @@ emulated::Plan cost_matrix(const py::sequence& terms, py::handle out, const std:
   const char* fn = "cost_matrix";
   const CostPrecision prec = gpu::parse_cost_precision(precision);
   DLPackArgs args;
-  std::vector<CostTermViews> views;
-  for (size_t t = 0; t < terms.size(); ++t) {
-    const std::string name = concat("terms[", t, "]");
-    py::tuple term = py::reinterpret_borrow<py::object>(terms[t]);
-    if (term.size() != 4) value_error(fn, ": ", name, " must be (A, B, map, block)");
-    CostTermViews v;
-    v.a = args.view(term[0], fn, (name + ".A").c_str());
-    v.b = args.view(term[1], fn, (name + ".B").c_str());
-    v.has_map = !term[2].is_none();
-    if (v.has_map) v.map = args.view(term[2], fn, (name + ".map").c_str());
-    v.block = term[3].cast<int64_t>();
-    views.push_back(v);
-  }
+  std::vector<CostTermViews> views = import_cost_terms(args, terms, fn);
   const TensorView vo = args.view(out, fn, "out");
   if (!views.empty()) require_cpu(views[0].a, fn, "terms[0].A");
   check_cost_matrix(views, vo);

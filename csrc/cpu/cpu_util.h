@@ -3,22 +3,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/dispatch.h"
 #include "common/tensor_view.h"
 #include "kernels/common.h"
 
 namespace hm::cpu {
-
-// Calls fn(T{}) with the storage type of a floating dtype.
-template <typename Fn>
-void dispatch_floating(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::f32: fn(float{}); break;
-    case DType::f64: fn(double{}); break;
-    case DType::f16: fn(half_t{}); break;
-    case DType::bf16: fn(bfloat16_t{}); break;
-    default: type_error("internal: unexpected dtype ", dtype_name(dtype));
-  }
-}
 
 // Element offsets of every position of dims [first_dim, ndim) of t, in row-major order, so loops
 // can address arbitrary trailing strides with one lookup (conv kernels have 1–49 positions).

@@ -34,7 +34,7 @@ Plan interpolate(const TensorView& a, const TensorView& b, const std::vector<dou
                  const TensorView* cols, bool fill_base, const TensorView& out, int64_t grid_cap) {
   Plan plan{{"launches", 0}};
   const int64_t K = static_cast<int64_t>(lambdas.size());
-  cpu::dispatch_floating(a.dtype, [&](auto tag) {
+  dispatch_floating(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t k0 = 0; k0 < K; k0 += kMaxLambdasPerLaunch) {
       const int64_t k1 = std::min<int64_t>(K, k0 + kMaxLambdasPerLaunch);
@@ -85,7 +85,7 @@ Plan weighted_sum_typed(const std::vector<TensorView>& tensors, const std::vecto
 Plan weighted_sum(const std::vector<TensorView>& tensors, const std::vector<double>& coeffs, int64_t K,
                   const TensorView& out, int64_t grid_cap) {
   Plan plan;
-  cpu::dispatch_floating(tensors[0].dtype, [&](auto tag) {
+  dispatch_floating(tensors[0].dtype, [&](auto tag) {
     plan = weighted_sum_typed<decltype(tag)>(tensors, coeffs, K, out, grid_cap);
   });
   return plan;
