@@ -31,7 +31,7 @@ void weighted_sum_loop(const std::vector<TensorView>& tensors, const std::vector
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / (std::min(inner, kBlock) * (K + n_tensors)));
   parallel_for(items, grain, [&](int64_t begin, int64_t end) {
     std::vector<Acc> staged(static_cast<size_t>(n_tensors * kBlock));
-    std::vector<Acc> values(static_cast<size_t>(n_tensors));
+    std::vector<Acc> sums(static_cast<size_t>(kBlock));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / blocks_per_row;
       const int64_t e0 = (item % blocks_per_row) * kBlock;
@@ -44,13 +44,18 @@ void weighted_sum_loop(const std::vector<TensorView>& tensors, const std::vector
         for (int64_t e = 0; e < len; ++e) dst[e] = load_as_acc(src + e * s);
       }
       const int64_t out_offset = row * inner + e0;
+      // Same sum as weighted_sum_value (0 + c_0·x_0 + c_1·x_1 + ...), tensor by tensor so the
+      // element loops vectorize.
       for (int64_t k = 0; k < K; ++k) {
-        T* dst = po + k * numel + out_offset;
         const Acc* ck = c.data() + k * n_tensors;
-        for (int64_t e = 0; e < len; ++e) {
-          for (int64_t t = 0; t < n_tensors; ++t) values[t] = staged[t * kBlock + e];
-          store_from_acc(dst + e, weighted_sum_value(values.data(), ck, n_tensors));
+        for (int64_t e = 0; e < len; ++e) sums[e] = Acc(0);
+        for (int64_t t = 0; t < n_tensors; ++t) {
+          const Acc ct = ck[t];
+          const Acc* x = staged.data() + t * kBlock;
+          for (int64_t e = 0; e < len; ++e) sums[e] += ct * x[e];
         }
+        T* dst = po + k * numel + out_offset;
+        for (int64_t e = 0; e < len; ++e) store_from_acc(dst + e, sums[e]);
       }
     }
   });

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import mmap
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -78,10 +80,42 @@ def float_list(values: Any, fn: str, arg: str) -> list[float]:
     return arr.tolist()
 
 
+# Outputs at least this large get their own huge-page-advised mapping: first-touch page faults on
+# 4 KiB pages cap writes into fresh memory near 1.5–2 GB/s here, 2 MiB pages lift that ~4x.
+HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _huge_page_buffer(nbytes: int) -> mmap.mmap | None:
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf.madvise(mmap.MADV_HUGEPAGE)
+        return buf
+    except (OSError, ValueError):
+        return None
+
+
 def empty_like_framework(shape: Sequence[int], like: Array, dtype: Any = None) -> Array:
+    """A new contiguous output of like's framework and device (the tensor keeps its memory alive)."""
+    shape = tuple(int(s) for s in shape)
     if isinstance(like, torch.Tensor):
-        return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
-    return np.empty(tuple(shape), dtype=dtype or like.dtype)
+        dtype = dtype or like.dtype
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if like.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES:
+            buf = _huge_page_buffer(nbytes)
+            if buf is not None:
+                with warnings.catch_warnings():  # mmap buffers are writable; torch warns generically
+                    warnings.simplefilter("ignore")
+                    return torch.frombuffer(buf, dtype=dtype).view(shape)
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    dtype = np.dtype(dtype or like.dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= HUGE_PAGE_MIN_BYTES:
+        buf = _huge_page_buffer(nbytes)
+        if buf is not None:
+            return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return np.empty(shape, dtype=dtype)
 
 
 def check_out(out: Any, fn: str, like: Array) -> Array:
