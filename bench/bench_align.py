@@ -32,7 +32,7 @@ from hetmerge.methods import transform  # noqa: E402
 from helpers_models import digits, ref_weight_matching, trained_mlp  # noqa: E402
 
 
-def bench_weight_matching(wa: int, wb: int, seed: int = 0, repeats: int = 1) -> dict:
+def bench_weight_matching(wa: int, wb: int, seed: int = 0, repeats: int = 1, max_iter: int = 100) -> dict:
     torch.manual_seed(seed)
     base = hmm.mlp(784, [wa] * 3, 10).eval()
     target = hmm.mlp(784, [wb] * 3, 10).eval()
@@ -40,13 +40,13 @@ def bench_weight_matching(wa: int, wb: int, seed: int = 0, repeats: int = 1) -> 
     t_ours, t_ref = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        res = hm.align(base, target, seed=seed)
+        res = hm.align(base, target, seed=seed, max_iter=max_iter)
         t_ours.append(time.perf_counter() - t0)
-        ref_maps, ref_obj, t = ref_weight_matching(base, target, seed=seed)
+        ref_maps, ref_obj, t = ref_weight_matching(base, target, seed=seed, max_iter=max_iter)
         t_ref.append(t)
     return {"case": f"weight matching depth-4 MLP {wa} vs {wb}", "ours_s": min(t_ours),
             "ref_s": min(t_ref), "speedup": min(t_ref) / min(t_ours), "ours_objective": res.objective,
-            "ref_objective": ref_obj, "sweeps": res.iterations,
+            "ref_objective": ref_obj, "sweeps": res.iterations, "max_iter": max_iter,
             "same_maps": all(torch.equal(res.maps[f"fc{i}"], ref_maps[i]) for i in range(3)),
             "ours_timings": {k: round(v, 3) for k, v in res.timings.items()}}
 
@@ -116,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch and hetmerge threads")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     ap.add_argument("--skip", choices=["align", "sweep"], default=None)
+    ap.add_argument("--max-iter", type=int, default=None,
+                    help="cap on sweeps for both implementations (default: 100 small, 5 full: random "
+                         "4096-wide weights take dozens of sweeps to converge)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +128,8 @@ def main(argv=None):
         rows += bench_sweep()
     if args.skip != "align":
         wa, wb = (1024, 512) if args.small else (4096, 2048)
-        rows.append(bench_weight_matching(wa, wb))
+        max_iter = args.max_iter or (100 if args.small else 5)
+        rows.append(bench_weight_matching(wa, wb, max_iter=max_iter))
     print(f"{'case':<66} {'ours (s)':>10} {'reference (s)':>14} {'speedup':>8}")
     for r in rows:
         print(f"{r['case']:<66} {r['ours_s']:>10.4f} {r['ref_s']:>14.4f} {r['speedup']:>7.1f}x")

@@ -133,3 +133,16 @@ def ref_weight_matching(base: nn.Module, target: nn.Module, max_iter: int = 100,
         if gain <= tol * abs(obj):
             break
     return maps, obj, time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def mnist1d():
+    return hd.mnist1d()
+
+
+@functools.lru_cache(maxsize=None)
+def trained_mnist1d_mlp(widths: tuple, seed: int, epochs: int = 15) -> nn.Module:
+    d = mnist1d()
+    torch.manual_seed(seed)
+    m = hmm.mlp(40, list(widths), 10)
+    return hmm.train(m, d.X_train, d.y_train, epochs=epochs, lr=3e-3, batch_size=128, seed=seed)

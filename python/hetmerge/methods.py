@@ -101,8 +101,18 @@ class WeightMatching:
     def objective(self, maps: Mapping[str, torch.Tensor]) -> float:
         """sum_p <A_p, T(B_p)> (inner), or -sum_p ||A_p - T(B_p)||^2 (l2)."""
         total = 0.0
+        inv = {}
         for pp in self.pairing.params:
             a, b = self.a[pp.base_key], self.b[pp.target_key]
+            if self.objective_kind == "inner" and b.numel() < a.numel():
+                # <A, T(B)> = <T^-1(A), B>: gather the smaller tensor (the gather is the cost)
+                for ln in pp.links:
+                    if ln not in inv:
+                        inv[ln] = _inverse(maps[ln], self.pairing.links[ln].n_b)
+                rows = expand_map(inv[pp.links[0]], pp.blocks[0])
+                cols = expand_map(inv[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
+                total += float(torch.dot(ops.permute_pad(a, rows, cols).reshape(-1), b.reshape(-1)))
+                continue
             rows, cols = transform(pp, maps)
             tb = ops.permute_pad(b, rows, cols)
             if self.objective_kind == "inner":
@@ -110,6 +120,14 @@ class WeightMatching:
             else:
                 total -= float((a - tb).square().sum())
         return total
+
+
+def _inverse(src: torch.Tensor, n_b: int) -> torch.Tensor:
+    """Target unit -> base slot (-1 where the target unit was dropped)."""
+    inv = torch.full((n_b,), -1, dtype=torch.long, device=src.device)
+    ok = src >= 0
+    inv[src[ok]] = torch.nonzero(ok)[:, 0]
+    return inv
 
 
 # ---------------------------------------------------------------------------------------------
