@@ -110,12 +110,39 @@ def bench_sweep(K: int = 25, repeats: int = 20) -> list[dict]:
     return rows
 
 
+def evidence(pairs: int = 5, restarts: int = 8) -> dict:
+    """Digits evidence for the closing note: loss barriers of same-architecture pairs (unaligned,
+    aligned, best of `restarts`), and λ* / accuracy of heterogeneous pairs (450 test samples)."""
+    d = digits()
+    data = (d.X_test, d.y_test)
+    lams = torch.linspace(0, 1, 21)
+    bars = {"unaligned": [], "aligned": [], f"aligned, best of {restarts}": []}
+    for s in range(pairs):
+        base, target = trained_mlp((128, 64), 2 * s), trained_mlp((128, 64), 2 * s + 1)
+        bars["unaligned"].append(hm.sweep(base, target, None, lams, data=data).barrier)
+        bars["aligned"].append(hm.sweep(base, target, hm.align(base, target, seed=s), lams,
+                                        data=data).barrier)
+        bars[f"aligned, best of {restarts}"].append(
+            hm.sweep(base, target, hm.align(base, target, seed=s, restarts=restarts), lams,
+                     data=data).barrier)
+    out = {"mean barrier, 128-64 MLP pairs": {k: sum(v) / len(v) for k, v in bars.items()}}
+    for wa, wb in (((128,), (64,)), ((128, 64), (64, 32)), ((128, 64, 64), (64, 32))):
+        base, target = trained_mlp(wa, 0), trained_mlp(wb, 1)
+        al = hm.sweep(base, target, hm.align(base, target, restarts=4), lams, data=data)
+        un = hm.sweep(base, target, None, lams, data=data)
+        out[f"{wa} vs {wb}"] = {"lam_star aligned": al.lam_star, "lam_star unaligned": un.lam_star,
+                                "acc(0)": float(al.acc[0]), "acc(0.1) aligned": float(al.acc[2]),
+                                "barrier aligned": al.barrier, "barrier unaligned": un.barrier}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="1024 vs 512 instead of 4096 vs 2048")
     ap.add_argument("--threads", type=int, default=None, help="torch and hetmerge threads")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     ap.add_argument("--skip", choices=["align", "sweep"], default=None)
+    ap.add_argument("--evidence", action="store_true", help="also print the digits evidence numbers")
     ap.add_argument("--max-iter", type=int, default=None,
                     help="cap on sweeps for both implementations (default: 100 small, 5 full: random "
                          "4096-wide weights take dozens of sweeps to converge)")
@@ -134,8 +161,15 @@ def main(argv=None):
     for r in rows:
         print(f"{r['case']:<66} {r['ours_s']:>10.4f} {r['ref_s']:>14.4f} {r['speedup']:>7.1f}x")
     for r in rows:
+        if "case" not in r:
+            continue
         extra = {k: v for k, v in r.items() if k not in ("case", "ours_s", "ref_s", "speedup")}
         print(f"  {r['case']}: {extra}")
+    if args.evidence:
+        ev = evidence()
+        for k, v in ev.items():
+            print(f"{k}: " + ", ".join(f"{kk} {vv:.3f}" for kk, vv in v.items()))
+        rows.append({"evidence": ev})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
