@@ -29,7 +29,8 @@ class AlignResult:
     objective: final objective (weight matching: sum <A, T(B)> for "inner", -sum ||A - T(B)||^2 for
     "l2"; activation matching: sum of the matched units' correlations).
     trace: objective after each sweep, normalized (cosine similarity of the aligned weights for
-    "inner", -||A - T(B)||^2 / (||A||^2 + ||B||^2) for "l2"), trace[0] before the first sweep.
+    "inner", -||A - T(B)||^2 / (||A||^2 + ||B||^2) for "l2"), trace[0] before the first sweep;
+    activation matching: [mean correlation of the matched units].
     cases: base layer -> "same size" / "size-compatible" / "size-incompatible".
     """
     maps: dict[str, torch.Tensor]
@@ -168,7 +169,9 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
     if method == "activation":
         n_units = sum(int((init[n] >= 0).sum()) for n in pairing.links if n not in free and
                       pairing.links[n].free) or 1
-        obj, trace = act_obj, [act_obj / n_units] + trace[1:]
+        # links without activations (if any) were weight-matched around the activation maps;
+        # the reported objective and trace are the activation correlation alone
+        obj, trace = act_obj, [act_obj / n_units]
     return AlignResult(maps={n: m for n, m in maps.items()}, objective=obj, trace=trace,
                        cases=dict(pairing.cases), timings=timings, method=method,
                        restart_objectives=[res[1] for res in results], iterations=iters,

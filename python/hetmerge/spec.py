@@ -474,7 +474,7 @@ def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:
     """Unit map [n] -> entry map [n·block] for an axis that holds `block` entries per unit."""
     if block == 1:
         return src
-    r = torch.arange(block, dtype=torch.long)
+    r = torch.arange(block, dtype=torch.long, device=src.device)
     out = src[:, None] * block + r
     return torch.where(src[:, None] >= 0, out, torch.full_like(out, -1)).reshape(-1)
 
