@@ -1,6 +1,5 @@
 """hm.sweep: the batched sweep equals the obvious per-λ loop; barrier and λ* follow their
 definitions; and the evidence on digits (450 test samples) that alignment pays off."""
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 import hetmerge as hm
 from hetmerge.evaluate import barrier, lam_star
 
-from helpers_models import digits, randomize_bn, trained_cnn, trained_mlp
+from helpers_models import digits, trained_cnn, trained_mlp
 
 LAMS = torch.linspace(0, 1, 11)
 

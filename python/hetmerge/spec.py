@@ -13,7 +13,6 @@ index map each, base size, -1 = padding) that ``align`` solves and ``merge``/``s
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -635,7 +634,6 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
         for g_a, g_b, *_ in axes:
             partners.setdefault(g_a, set()).add(g_b)
     links: dict[str, Link] = {}
-    by_pair: dict[tuple[str, str], str] = {}
     params = []
     for bkey, tkey, bname, axes in raw:
         names, blocks = [], []
@@ -647,7 +645,6 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
             if (old.n_a, old.n_b) != (n_a, n_b):
                 raise SpecError(f"pair_specs: link {name!r} has sizes {old.n_a}<-{old.n_b} on one tensor "
                                 f"but {n_a}<-{n_b} on {bkey!r}/{tkey!r}")
-            by_pair[(g_a, g_b)] = name
             names.append(name)
             blocks.append(blk)
         params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks)))
