@@ -115,7 +115,7 @@ def _descent(wm: WeightMatching, maps: dict, order_links: list[str], rng: np.ran
 def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=None, data: Any = None,
           restarts: int = 1, max_iter: int = 100, tol: float = 1e-9, seed: int = 0,
           objective: str = "inner", base_spec=None, target_spec=None,
-          example_input=None) -> AlignResult:
+          example_input=None, incremental: bool = True) -> AlignResult:
     """Find index maps that align `target` to `base` (neither is modified).
 
     method: "weight" (weight matching) or "activation" (correlation of hidden activations on `data`:
@@ -125,6 +125,9 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
     max_iter, tol: stop after max_iter sweeps or when a sweep gains less than tol (relative).
     objective: "inner" (default) or "l2" (they differ where target units are dropped).
     base_spec, target_spec: PermSpec or hand-written {group: [(key, axis)]}; traced when None.
+    incremental: keep each cost term and update it from the neighbour-map entries that changed
+      (same costs up to rounding; much cheaper once few units move per sweep). Needs
+      4·n_a·n_b bytes per term; turned off above 2 GiB in all.
     """
     if method not in ("weight", "activation"):
         raise ValueError(f"method: expected 'weight' or 'activation', got {method!r}")
@@ -158,7 +161,9 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
             act_obj += float(C[torch.arange(C.shape[0], device=C.device)[ok], init[n][ok]].sum())
         free = [n for n in free if n not in costs]
 
-    wm = WeightMatching(pairing, sa, sb, objective, links=free)
+    # one cost cache for all restarts: an entry is the cost for the map it records, whichever run
+    # built it
+    wm = WeightMatching(pairing, sa, sb, objective, links=free, incremental=incremental)
     results = []
     for r in range(restarts):
         rng = np.random.default_rng(seed + r)
