@@ -146,15 +146,30 @@ def _input_layers(base: nn.Module, pairing) -> dict[str, list[str]]:
 def _template(base, mixed, pairing, maps, sa, sb, fill) -> nn.Module:
     """The module the K models run through: `base` itself when nothing changes, otherwise a copy of
     its module structure (tensors shared, not copied) in eval mode with the input layers mixed."""
-    if not mixed and not any(m.training for m in base.modules()):
+    training = any(m.training for m in base.modules())
+    if not mixed and not training:
         return base   # functional_call leaves the module it runs as it was
-    memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
-    tpl = copy.deepcopy(base, memo).eval()
+    if training:
+        memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+        tpl = copy.deepcopy(base, memo).eval()
+        owned = {id(m) for m in tpl.modules()}
+    else:
+        # copy-on-write: only the ancestors of mixed layers are (shallowly) copied; a full
+        # structural copy costs more than the whole sweep of a small model
+        tpl = _shallow(base)
+        owned = {id(tpl)}
     one = {pp.base_key: pp for pp in pairing.params}
     for path, keys in mixed.items():
-        parent_path, _, name = path.rpartition(".")
-        parent = tpl.get_submodule(parent_path) if parent_path else tpl
-        mod = getattr(parent, name)
+        parent = tpl
+        for part in path.split(".")[:-1]:
+            child = parent._modules[part]
+            if id(child) not in owned:
+                child = _shallow(child)
+                owned.add(id(child))
+                parent._modules[part] = child
+            parent = child
+        name = path.rpartition(".")[2]
+        mod = parent._modules[name]
         ends = {}
         for k in (f"{path}.weight", f"{path}.bias"):
             if k in keys:
@@ -163,9 +178,17 @@ def _template(base, mixed, pairing, maps, sa, sb, fill) -> nn.Module:
             else:   # unpaired (or absent) bias: the base's at both ends
                 ends[k] = sa.get(k)
         a_b = sa.get(f"{path}.bias")
-        setattr(parent, name, _Mix(mod, sa[f"{path}.weight"], a_b, ends[f"{path}.weight"],
-                                   ends[f"{path}.bias"]))
+        parent._modules[name] = _Mix(mod, sa[f"{path}.weight"], a_b, ends[f"{path}.weight"],
+                                     ends[f"{path}.bias"])
     return tpl
+
+
+def _shallow(m: nn.Module) -> nn.Module:
+    """A copy of `m` sharing its tensors and children but owning its dict of children."""
+    c = copy.copy(m)
+    c._modules = dict(m._modules)
+    return c
+
 
 
 def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any = None,
