@@ -120,3 +120,26 @@ def test_pool_survives_fork():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "0", out.stderr
+
+
+def test_concurrent_callers_share_the_pool_safely():
+    """Python threads calling at once (the GIL is released in C++) get correct, independent results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for i in range(8):
+        a, b = torch.randn(200 + i, 300), torch.randn(150, 320)
+        rows = np.full(200 + i, -1)
+        rows[rng.choice(200 + i, 150, replace=False)] = rng.permutation(150)
+        cols = rng.choice(320, 300, replace=False)
+        cases.append((a, b, rows, cols))
+
+    def run(case):
+        a, b, rows, cols = case
+        return [ops.interpolate(a, b, [0.25, 0.5], rows, cols) for _ in range(20)][-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, cases))
+    for (a, b, rows, cols), got in zip(cases, results):
+        torch.testing.assert_close(got, interpolate_ref(a, b, [0.25, 0.5], rows, cols))

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -14,6 +15,19 @@ namespace hm {
 namespace {
 
 thread_local bool t_inside_pool = false;
+
+// One parallel_for call. Workers hold it by shared_ptr, so a worker that wakes after the job is
+// over only finds its counters exhausted and never touches the caller's (gone) function.
+struct Job {
+  const std::function<void(int64_t)>* fn;
+  int64_t chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mutex;
+  std::condition_variable finished;
+};
 
 class ThreadPool {
  public:
@@ -30,38 +44,50 @@ class ThreadPool {
   }
   int size() const { return static_cast<int>(threads_.size()) + 1; }
 
-  // One job at a time; `busy_` lets a concurrent caller (another Python thread) run inline instead.
+  // One job at a time; a concurrent caller (another Python thread) gets false and runs inline.
+  // Returns once every chunk has run: it does not wait for workers that have not woken up yet,
+  // which on an oversubscribed machine would cost a scheduler delay per call.
   bool try_run(int64_t chunks, const std::function<void(int64_t)>& chunk_fn) {
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
     if (!run_lock.owns_lock()) return false;
+    auto job = std::make_shared<Job>();
+    job->fn = &chunk_fn;
+    job->chunks = chunks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &chunk_fn;
-      chunks_ = chunks;
-      next_.store(0);
-      pending_ = static_cast<int>(threads_.size());
-      error_ = nullptr;
+      current_ = job;
       ++generation_;
     }
     wake_.notify_all();
-    work_on_job(chunk_fn, chunks);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    work_on(*job);
+    {
+      std::unique_lock<std::mutex> lock(job->mutex);
+      job->finished.wait(lock, [&] { return job->done.load() == job->chunks; });
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (current_ == job) current_.reset();
+    }
+    if (job->error) std::rethrow_exception(job->error);
     return true;
   }
 
  private:
-  void work_on_job(const std::function<void(int64_t)>& fn, int64_t chunks) {
+  static void work_on(Job& job) {
     t_inside_pool = true;
-    for (int64_t c; (c = next_.fetch_add(1)) < chunks;) {
-      try {
-        fn(c);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(chunks);  // stop handing out chunks
+    for (int64_t c; (c = job.next.fetch_add(1)) < job.chunks;) {
+      if (!job.failed.load()) {
+        try {
+          (*job.fn)(c);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(job.mutex);
+          if (!job.error) job.error = std::current_exception();
+          job.failed.store(true);  // remaining chunks are counted but not run
+        }
+      }
+      if (job.done.fetch_add(1) + 1 == job.chunks) {
+        std::lock_guard<std::mutex> lock(job.mutex);
+        job.finished.notify_all();
       }
     }
     t_inside_pool = false;
@@ -70,32 +96,24 @@ class ThreadPool {
   void worker_loop() {
     uint64_t seen = 0;
     for (;;) {
-      const std::function<void(int64_t)>* fn;
-      int64_t chunks;
+      std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         if (stopping_) return;
         seen = generation_;
-        fn = job_;
-        chunks = chunks_;
+        job = current_;
       }
-      work_on_job(*fn, chunks);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      if (job) work_on(*job);
     }
   }
 
   std::vector<std::thread> threads_;
   std::mutex run_mutex_, mutex_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int64_t)>* job_ = nullptr;
-  int64_t chunks_ = 0;
-  std::atomic<int64_t> next_{0};
-  int pending_ = 0;
+  std::condition_variable wake_;
+  std::shared_ptr<Job> current_;
   uint64_t generation_ = 0;
   bool stopping_ = false;
-  std::exception_ptr error_;
 };
 
 std::mutex g_pool_mutex;

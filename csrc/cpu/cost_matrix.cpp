@@ -201,15 +201,6 @@ inline int64_t split(int64_t n_panels, int64_t parts, int64_t b) { return n_pane
 
 template <typename T, int MR, int NR>
 void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> ukernel, Blocking blk) {
-#ifdef HM_TUNE
-  if (getenv("HM_KC")) blk.kc = atoi(getenv("HM_KC"));
-  if (getenv("HM_MC")) blk.mc = atoi(getenv("HM_MC"));
-  if (getenv("HM_NC")) blk.nc = atoi(getenv("HM_NC"));
-  if (getenv("HM_KG")) blk.kg = atoi(getenv("HM_KG"));
-  static const bool skip_k = getenv("HM_SKIPK") != nullptr, skip_p = getenv("HM_SKIPP") != nullptr;
-#else
-  constexpr bool skip_k = false, skip_p = false;
-#endif
   const int64_t K = pb.k();
   const int threads = get_num_threads();
   const int64_t a_panels = (n_a + MR - 1) / MR, b_panels = (n_b + NR - 1) / NR;
@@ -243,9 +234,8 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
       const int64_t kb0 = g * blk.kg, kb1 = std::min(n_kb, kb0 + blk.kg);
       const int64_t s0 = split(K, n_kb, kb0), slab_k = split(K, n_kb, kb1) - s0;
       parallel_for(jp1 - jp0, 8, [&](int64_t b0, int64_t b1) {
-        if (!skip_p)
-          pack_panels<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, n_b, jp0 + b0, jp0 + b1, s0, slab_k,
-                             bp + b0 * NR * slab_k);
+        pack_panels<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, n_b, jp0 + b0, jp0 + b1, s0, slab_k,
+                           bp + b0 * NR * slab_k);
       });
       // One task = one row block (or part of one) through every K-block of the slab: the threads meet
       // once per slab, not once per K-block.
@@ -259,9 +249,9 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
           for (int64_t kb = kb0; kb < kb1; ++kb) {
             const int64_t p0 = split(K, n_kb, kb), kc = split(K, n_kb, kb + 1) - p0;
             const T* bk = bp + (p0 - s0) * NR;  // this block's [kc, NR] part of every slab panel
-            if (!skip_p) pack_panels<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, n_a, ip0, ip1, p0, kc, ap);
+            pack_panels<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, n_a, ip0, ip1, p0, kc, ap);
             // B micro-panel outer, A inner: the kc x NR B panel stays in L1 while A panels stream from L2.
-            if (!skip_k) for (int64_t jp = jq0; jp < jq1; ++jp) {
+            for (int64_t jp = jq0; jp < jq1; ++jp) {
               const int nr = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
               for (int64_t ip = ip0; ip < ip1; ++ip) {
                 const int mr = static_cast<int>(std::min<int64_t>(MR, n_a - ip * MR));

@@ -64,7 +64,7 @@ bool cands_impl(const T* row, int64_t n, double sign, const double* v, bool chec
   for (int64_t j = 0; j < n; ++j) {
     const double c = sign * static_cast<double>(row[j]);
     bad |= !(c > -kInf);
-    const double r = c - v[j];
+    const double r = v ? c - v[j] : c;
     if (r < b1) {
       b3 = b2;
       b2 = b1;
@@ -240,10 +240,12 @@ void for_parts(int64_t n, int64_t parts, const Fn& fn) {
   });
 }
 
+// Parts for a pass over rows x cols elements: one below ~1M elements (well under a millisecond, not
+// worth waking the pool), else a few per thread: chunks are handed out dynamically, so a thread
+// slowed by other load on the machine does not hold up the pass.
 int64_t parts_for(int64_t rows, int64_t cols) {
-  // Below ~1M elements a pass takes well under a millisecond: not worth waking the pool.
   if (rows * cols < (int64_t{1} << 20)) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), rows / 16));
+  return std::max<int64_t>(1, std::min<int64_t>(4 * get_num_threads(), rows / 16));
 }
 
 // The cost matrix as the solver sees it: nr <= nc rows of nc contiguous elements, row i at
@@ -371,16 +373,16 @@ class Solver {
     std::atomic<bool> bad{false};
     for_parts(nr_, parts_for(nr_, nc_), [&](int64_t, int64_t r0, int64_t r1) {
       bool b = false;
-      for (int64_t i = r0; i < r1; ++i) scan_row(i, !checked_, &b);
+      for (int64_t i = r0; i < r1; ++i) scan_row(i, !checked_, &b, /*v_zero=*/true);
       if (b) bad.store(true, std::memory_order_relaxed);
     });
     if (bad.load()) reject(c_, maximize_);
   }
 
   // A fresh scan of row i; refreshes the row's shortlist.
-  TwoMin scan_row(int64_t i, bool check, bool* bad) {
+  TwoMin scan_row(int64_t i, bool check, bool* bad, bool v_zero = false) {
     Cands cd;
-    const bool b = k_.cands(c_.row(i), nc_, c_.sign, v_.get(), check, &cd);
+    const bool b = k_.cands(c_.row(i), nc_, c_.sign, v_zero ? nullptr : v_.get(), check, &cd);
     if (bad) *bad |= b;
     TwoMin t;
     Shortlist& e = cache_[i];
@@ -412,10 +414,11 @@ class Solver {
   // gap (0 when the gap is infinite) stays dual feasible; the work cap stops long price wars.
   void augmenting_row_reduction(std::vector<int32_t>& free_rows) {
     int64_t numfree = static_cast<int64_t>(free_rows.size());
-    // Work caps: full row scans (the cost that matters; past ~8 per row the last free rows are
-    // cheaper to place by shortest paths) and shortlist hits (bounds price wars among them).
+    // Work caps, past which the remaining free rows go to shortest paths: full row scans, and
+    // shortlist hits (each ~0.2 us; they bound price wars). On uniform costs the reduction then
+    // places nearly every row, cheaper than the shortest paths would.
     scans_left_ = 8 * nr_ + 64;
-    int64_t budget = 64 * nr_ + 64;
+    int64_t budget = 128 * nr_ + 64;
     for (int pass = 0; pass < 2 && numfree > 0; ++pass) {
       int64_t k = 0;
       const int64_t prv = numfree;

@@ -124,13 +124,16 @@ void scan_impl(const T* row, int64_t n_row, double sign, const int32_t* idx, con
   locate(dd, fp, m, low, out);
 }
 
-// Running best and second best per lane (strict <, so the earliest column wins ties).
-struct Top2 {
-  __m256d m1, m2, i1, i2;
+// Running three best per lane (strict <, so the earliest column wins ties).
+struct Top3 {
+  __m256d m1, m2, m3, i1, i2, i3;
   inline void push(__m256d r, __m256d kv) {
     const __m256d lt1 = _mm256_cmp_pd(r, m1, _CMP_LT_OQ);
     const __m256d lt2 = _mm256_cmp_pd(r, m2, _CMP_LT_OQ);
-    // The second best becomes the old best when r beats the best, else r when r beats the second.
+    const __m256d lt3 = _mm256_cmp_pd(r, m3, _CMP_LT_OQ);
+    // Each rank takes the rank above it when r beats that one, else r when r beats it.
+    i3 = _mm256_blendv_pd(_mm256_blendv_pd(i3, kv, lt3), i2, lt2);
+    m3 = _mm256_blendv_pd(_mm256_blendv_pd(m3, r, lt3), m2, lt2);
     i2 = _mm256_blendv_pd(_mm256_blendv_pd(i2, kv, lt2), i1, lt1);
     m2 = _mm256_blendv_pd(_mm256_blendv_pd(m2, r, lt2), m1, lt1);
     i1 = _mm256_blendv_pd(i1, kv, lt1);
@@ -138,12 +141,13 @@ struct Top2 {
   }
 };
 
-template <bool check, typename T>
+template <bool check, bool has_v, typename T>
 bool cands_impl(const T* row, int64_t n, double sign, const double* v, Cands* out) {
+  static_assert(kLaCands == 24, "two accumulator sets of 4 lanes x top 3");
   const __m256d sv = _mm256_set1_pd(sign);
   const __m256d inf = _mm256_set1_pd(kInf);
   const __m256d none = _mm256_set1_pd(-1.0);
-  Top2 a{inf, inf, none, none}, b{inf, inf, none, none};
+  Top3 a{inf, inf, inf, none, none, none}, b = a;
   __m256d bad = _mm256_setzero_pd();
   __m256d k0 = _mm256_setr_pd(0, 1, 2, 3), k1 = _mm256_setr_pd(4, 5, 6, 7);
   const __m256d step = _mm256_set1_pd(8.0);
@@ -151,9 +155,16 @@ bool cands_impl(const T* row, int64_t n, double sign, const double* v, Cands* ou
   for (; k + 8 <= n; k += 8) {
     const __m256d c0 = _mm256_mul_pd(load4(row + k), sv);
     const __m256d c1 = _mm256_mul_pd(load4(row + k + 4), sv);
-    if constexpr (check) bad = _mm256_or_pd(bad, _mm256_or_pd(rejected(c0), rejected(c1)));
-    a.push(_mm256_sub_pd(c0, _mm256_loadu_pd(v + k)), k0);
-    b.push(_mm256_sub_pd(c1, _mm256_loadu_pd(v + k + 4)), k1);
+    const __m256d r0 = has_v ? _mm256_sub_pd(c0, _mm256_loadu_pd(v + k)) : c0;
+    const __m256d r1 = has_v ? _mm256_sub_pd(c1, _mm256_loadu_pd(v + k + 4)) : c1;
+    // After the first few columns a value rarely enters a lane's top three: test before blending.
+    // "Not >=" is also true for NaN, and -inf (v is finite) always enters, so the NaN/-inf
+    // screen only needs to run on this rare path.
+    if (_mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(r0, a.m3, _CMP_NGE_UQ), _mm256_cmp_pd(r1, b.m3, _CMP_NGE_UQ)))) {
+      if constexpr (check) bad = _mm256_or_pd(bad, _mm256_or_pd(rejected(c0), rejected(c1)));
+      a.push(r0, k0);
+      b.push(r1, k1);
+    }
     k0 = _mm256_add_pd(k0, step);
     k1 = _mm256_add_pd(k1, step);
   }
@@ -161,23 +172,21 @@ bool cands_impl(const T* row, int64_t n, double sign, const double* v, Cands* ou
     const __m256d c0 = _mm256_mul_pd(load4_part(row + k, n - k), sv);
     const __m256d c1 = _mm256_mul_pd(load4_part(row + k + 4, n - k - 4), sv);
     if constexpr (check) bad = _mm256_or_pd(bad, _mm256_or_pd(rejected(c0), rejected(c1)));
-    a.push(_mm256_blendv_pd(inf, _mm256_sub_pd(c0, _mm256_loadu_pd(v + k)), lanes_below(n - k)), k0);
-    b.push(_mm256_blendv_pd(inf, _mm256_sub_pd(c1, _mm256_loadu_pd(v + k + 4)), lanes_below(n - k - 4)), k1);
+    a.push(_mm256_blendv_pd(inf, has_v ? _mm256_sub_pd(c0, _mm256_loadu_pd(v + k)) : c0, lanes_below(n - k)), k0);
+    b.push(_mm256_blendv_pd(inf, has_v ? _mm256_sub_pd(c1, _mm256_loadu_pd(v + k + 4)) : c1, lanes_below(n - k - 4)), k1);
     k0 = _mm256_add_pd(k0, step);
     k1 = _mm256_add_pd(k1, step);
   }
-  _mm256_storeu_pd(out->r, a.m1);
-  _mm256_storeu_pd(out->r + 4, a.m2);
-  _mm256_storeu_pd(out->r + 8, b.m1);
-  _mm256_storeu_pd(out->r + 12, b.m2);
-  alignas(32) double pos[16];
-  _mm256_store_pd(pos, a.i1);
-  _mm256_store_pd(pos + 4, a.i2);
-  _mm256_store_pd(pos + 8, b.i1);
-  _mm256_store_pd(pos + 12, b.i2);
-  // Every column outside a lane's top two is at least that lane's second best.
+  const __m256d vals[6] = {a.m1, a.m2, a.m3, b.m1, b.m2, b.m3};
+  const __m256d idxs[6] = {a.i1, a.i2, a.i3, b.i1, b.i2, b.i3};
+  alignas(32) double pos[24];
+  for (int q = 0; q < 6; ++q) {
+    _mm256_storeu_pd(out->r + 4 * q, vals[q]);
+    _mm256_store_pd(pos + 4 * q, idxs[q]);
+  }
+  // Every column outside a lane's top three is at least that lane's third best.
   alignas(32) double lb[4];
-  _mm256_store_pd(lb, _mm256_min_pd(a.m2, b.m2));
+  _mm256_store_pd(lb, _mm256_min_pd(a.m3, b.m3));
   double bound = lb[0];
   for (int l = 1; l < 4; ++l) bound = lb[l] < bound ? lb[l] : bound;
   out->bound = bound;
@@ -197,8 +206,11 @@ bool col_min_impl(const T* row, int64_t n, double sign, int32_t r, double* colmi
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
     const __m256d x = _mm256_mul_pd(load4(row + k), sv);
-    bad = _mm256_or_pd(bad, rejected(x));
     const __m256d cur = _mm256_load_pd(colmin + k);
+    // Row r rarely sets a new column minimum once r is large. "Not >=" also catches NaN, and -inf
+    // is always a new minimum, so the NaN/-inf screen runs only on this rare path.
+    if (!_mm256_movemask_pd(_mm256_cmp_pd(x, cur, _CMP_NGE_UQ))) continue;
+    bad = _mm256_or_pd(bad, rejected(x));
     const __m256d lt = _mm256_cmp_pd(x, cur, _CMP_LT_OQ);
     _mm256_store_pd(colmin + k, _mm256_blendv_pd(cur, x, lt));
     __m128i* a = reinterpret_cast<__m128i*>(argrow + k);
@@ -267,7 +279,8 @@ bool copy_row_impl(const T* s, int64_t b, T* d, int64_t n, double sign) {
     scan_impl(row, n_row, sign, idx, vv, dd, pp, fp, m, h, i, out);                                            \
   }                                                                                                            \
   bool cands_avx2(const T* row, int64_t n, double sign, const double* v, bool check, Cands* out) {             \
-    return check ? cands_impl<true>(row, n, sign, v, out) : cands_impl<false>(row, n, sign, v, out);           \
+    if (!v) return check ? cands_impl<true, false>(row, n, sign, v, out) : cands_impl<false, false>(row, n, sign, v, out); \
+    return check ? cands_impl<true, true>(row, n, sign, v, out) : cands_impl<false, true>(row, n, sign, v, out); \
   }                                                                                                            \
   bool col_min_avx2(const T* row, int64_t n, double sign, int32_t r, double* colmin, int32_t* argrow) {       \
     return col_min_impl(row, n, sign, r, colmin, argrow);                                                      \

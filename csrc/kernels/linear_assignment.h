@@ -23,7 +23,7 @@ struct ScanMin {
 // A row scan's shortlist: columns j[l] (-1 = empty slot) with their costs c[l] = sign * row[j[l]]
 // and reduced costs r[l] = c[l] - v[j[l]], containing the row's two smallest reduced costs; every
 // other column has reduced cost >= bound.
-constexpr int kLaCands = 16;
+constexpr int kLaCands = 24;
 struct Cands {
   double r[kLaCands];
   double c[kLaCands];
@@ -39,7 +39,7 @@ struct Cands {
 //     cand = c - (vv[k] + h);  if cand < dd[k]: dd[k] = cand, pp[k] = i
 //   then reports the minimum of dd. Finished and padding positions carry vv = -inf and dd = +inf,
 //   so they never update or win. fp[k] is 0 for a free column, +inf otherwise.
-// cands: the Cands of the reduced costs sign * row[j] - v[j] over columns j < n. With check, also
+// cands: the Cands of the reduced costs sign * row[j] - v[j] over columns j < n (v null: all 0). With check, also
 //   reports whether some sign * row[j] is NaN or -inf (the return value; false without check).
 // col_min: colmin[j] = min(colmin[j], sign * row[j]), argrow[j] = r where strictly smaller, j < n;
 //   returns whether some sign * row[j] is NaN or -inf.

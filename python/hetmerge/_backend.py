@@ -1,6 +1,7 @@
 """Argument normalisation shared by the ops wrappers: frameworks, index maps, outputs, backends."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import mmap
 import warnings
@@ -11,17 +12,18 @@ import torch
 
 from . import _C
 
-try:  # The CUDA module is optional: absent when built without nvcc, unusable without a driver.
-    from . import _cuda  # type: ignore[attr-defined]
-
-    _CUDA_IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _cuda = None
-    _CUDA_IMPORT_ERROR = str(exc)
+# The CUDA module is optional: absent when built without nvcc, unusable without a driver.
+_cuda = None
+_CUDA_IMPORT_ERROR: str | None = None
+if importlib.util.find_spec("hetmerge._cuda") is None:
+    _CUDA_IMPORT_ERROR = "not compiled (build with nvcc on PATH or CUDACXX set, HETMERGE_CUDA=ON)"
+else:
+    try:
+        from . import _cuda  # type: ignore[attr-defined,no-redef]
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        _CUDA_IMPORT_ERROR = f"failed to import: {exc}"
 
 Array = Any  # torch.Tensor | numpy.ndarray
-
-_TORCH_INDEX = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def as_array(x: Any, fn: str, arg: str) -> Array:
@@ -135,7 +137,7 @@ def is_cuda(x: Array) -> bool:
 def cuda_status() -> str | None:
     """None when CUDA tensors can be processed, else the reason why not."""
     if _cuda is None:
-        return f"hetmerge was built without its CUDA backend ({_CUDA_IMPORT_ERROR})"
+        return f"hetmerge's CUDA backend is unavailable: {_CUDA_IMPORT_ERROR}"
     reason = _cuda.unavailable_reason()
     return reason or None
 

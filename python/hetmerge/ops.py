@@ -102,15 +102,22 @@ def weighted_sum(tensors: Sequence[Any], coeffs: Any, *, out: Any = None):
     return out
 
 
-def cost_matrix(terms: Sequence[Any], *, out: Any = None):
+COST_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def cost_matrix(terms: Sequence[Any], *, out: Any = None, precision: str = "fp32"):
     """Weight- or activation-matching cost of one permutation group, padding never materialized.
 
     terms: sequence of (A, B, map, block) (map and block optional: None and 1), with
     A: [n_a, k·block], B: [n_b, k'·block], map: [k] int64 into B's k' inner groups (-1 = skip) or None.
     Returns C: [n_a, n_b], float32 (float64 for float64 inputs):
     ``C[i, j] = sum_terms sum_{q: map[q] >= 0} sum_{r < block} A[i, q·block + r] · B[j, map[q]·block + r]``.
+    precision: "fp32" computes in the input dtype; on CUDA, float32 inputs may use tensor cores
+    with "tf32", "bf16" or "fp16" operands and float32 accumulation (accuracy in docs/cuda.md).
     """
     fn = "cost_matrix"
+    if precision not in COST_PRECISIONS:
+        raise ValueError(f"{fn}: precision must be one of {COST_PRECISIONS}, got {precision!r}")
     if isinstance(terms, (str, bytes)) or not hasattr(terms, "__len__"):
         raise TypeError(f"{fn}: terms must be a sequence of (A, B, map, block) tuples")
     if len(terms) == 0:
@@ -131,6 +138,10 @@ def cost_matrix(terms: Sequence[Any], *, out: Any = None):
     n_b = int(B0.shape[0]) if B0.ndim >= 1 else 0
     out = B.empty_like_framework((n_a, n_b), A0) if out is None else B.check_out(out, fn, A0)
     mod, extra = B.backend(A0, fn)
+    if B.is_cuda(A0):
+        extra["precision"] = precision
+    elif precision != "fp32":
+        raise ValueError(f"{fn}: precision={precision!r} uses CUDA tensor cores; CPU inputs support only 'fp32'")
     mod.cost_matrix(norm, out, **extra)
     return out
 
