@@ -3,6 +3,7 @@ session) and a plain torch+scipy reference of weight matching for MLPs, written 
 the library (bench/bench_align.py uses it too)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -14,10 +15,18 @@ import torch.nn as nn
 from hetmerge import data as hd
 from hetmerge import models as hmm
 
-import hetmerge as hm  # noqa: E402
 
-torch.set_num_threads(1)   # shared 2-core machines: more threads only add contention for tiny models
-hm.set_num_threads(1)
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models train faster on one thread on shared 2-core machines (more threads only add
+    contention); restored afterwards so other tests see the process's settings."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,7 +41,8 @@ def trained_mlp(widths: tuple, seed: int, epochs: int = 20, flip: bool = False) 
     X = flipped(d.X_train) if flip else d.X_train
     torch.manual_seed(seed)
     m = hmm.mlp(64, list(widths), 10)
-    return hmm.train(m, X, d.y_train, epochs=epochs, lr=3e-3, batch_size=64, seed=seed)
+    with one_thread():
+        return hmm.train(m, X, d.y_train, epochs=epochs, lr=3e-3, batch_size=64, seed=seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,7 +50,8 @@ def trained_cnn(channels: tuple, seed: int, epochs: int = 4) -> nn.Module:
     d = digits(image=True)
     torch.manual_seed(seed)
     m = hmm.cnn(1, list(channels), 10, (8, 8), bn=True)
-    return hmm.train(m, d.X_train, d.y_train, epochs=epochs, lr=3e-3, batch_size=128, seed=seed)
+    with one_thread():
+        return hmm.train(m, d.X_train, d.y_train, epochs=epochs, lr=3e-3, batch_size=128, seed=seed)
 
 
 def flipped(X: torch.Tensor) -> torch.Tensor:
@@ -133,3 +144,17 @@ def ref_weight_matching(base: nn.Module, target: nn.Module, max_iter: int = 100,
         if gain <= tol * abs(obj):
             break
     return maps, obj, time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def mnist1d():
+    return hd.mnist1d()
+
+
+@functools.lru_cache(maxsize=None)
+def trained_mnist1d_mlp(widths: tuple, seed: int, epochs: int = 15) -> nn.Module:
+    d = mnist1d()
+    torch.manual_seed(seed)
+    m = hmm.mlp(40, list(widths), 10)
+    with one_thread():
+        return hmm.train(m, d.X_train, d.y_train, epochs=epochs, lr=3e-3, batch_size=128, seed=seed)

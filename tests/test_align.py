@@ -1,6 +1,5 @@
 """hm.align on digits MLPs: planted permutations, agreement with an independent torch+scipy
 reference, heterogeneous widths and depths, the size-incompatible case, restarts, activation matching."""
-import copy
 
 import pytest
 import torch
@@ -96,7 +95,6 @@ def test_l2_and_inner_agree_when_padding_differ_when_dropping():
     assert any(not torch.equal(c.maps[k], d.maps[k]) for k in c.maps)
     # each wins on its own objective
     from hetmerge.methods import WeightMatching
-    from hetmerge.spec import pair_specs
     wm_l2 = WeightMatching(d.pairing, narrow.state_dict(), wide.state_dict(), "l2")
     assert wm_l2.objective(d.maps) >= wm_l2.objective(c.maps) - 1e-6
 

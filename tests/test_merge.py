@@ -81,3 +81,45 @@ def test_merge_rejects_a_foreign_result():
     base = trained_mlp((64, 32), 0)
     with pytest.raises(ValueError, match="res:"):
         hm.merge(base, base, res=object(), lam=0.5)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "res_mlp", "res_cnn"])
+def test_heterogeneous_widths_and_depths_beyond_mlps(kind):
+    """CNNs and residual nets that differ in width and depth align, merge and sweep: λ = 0 is the
+    base, the merged model keeps the base's architecture, alignment beats position on the objective."""
+    torch.manual_seed(0)
+    if kind == "cnn":   # 3 conv layers + hidden fc vs 2 conv layers, no hidden fc
+        base, target = hmm.cnn(1, [8, 12, 8], 10, (8, 8), hidden=16), hmm.cnn(1, [6, 10], 10, (8, 8))
+        x = torch.randn(16, 1, 8, 8)
+    elif kind == "res_mlp":   # 2 blocks vs 1 block, wider stream vs narrower
+        base, target = hmm.res_mlp(64, 32, 2, 10, hidden=24), hmm.res_mlp(64, 20, 1, 10, hidden=40)
+        x = torch.randn(16, 64)
+    else:
+        base, target = hmm.res_cnn(1, 8, 2, 10), hmm.res_cnn(1, 6, 1, 10)
+        x = torch.randn(4, 1, 8, 8)
+    base, target = randomize_bn(base, 1), randomize_bn(target, 2)
+    before = state_copy(base), state_copy(target)
+    with _no_warning():
+        res = hm.align(base, target, restarts=2)
+    if kind == "cnn":   # the extra conv stays the base's; the hidden fc meets the target's head
+        assert res.layer_map == {"conv0": "conv0", "conv1": "conv1", "fc": "head"}
+    assert res.objective > res.trace[0] * 0 and res.trace[-1] >= res.trace[0]
+    torch.testing.assert_close(hm.merge(base, target, res, lam=0.0)(x), base(x))
+    merged = hm.merge(base, target, res, lam=0.4)
+    assert type(merged) is type(base) and merged.state_dict().keys() == base.state_dict().keys()
+    assert torch.isfinite(merged(x)).all()
+    y = torch.randint(0, 10, (x.shape[0],))
+    curve = hm.sweep(base, target, res, torch.linspace(0, 1, 5), data=(x, y))
+    assert curve.loss.shape == (5,) and torch.isfinite(curve.loss).all()
+    assert same_state(base, before[0]) and same_state(target, before[1])
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)

@@ -174,3 +174,17 @@ def test_untraceable_model_needs_and_accepts_hand_written_spec():
     res = hm.align(base, target, base_spec=groups, target_spec=groups)
     # target unit perm[i] came from base unit i: base slot i must take target unit argsort(perm)[i]
     assert torch.equal(res.maps["h"], torch.argsort(perm))
+
+
+def test_hand_written_spec_with_fixed_groups_aligns_heterogeneous_widths():
+    spec = {"groups": {"h": [("fc0.weight", 0), ("fc0.bias", 0), ("head.weight", 1)],
+                       "inp": [("fc0.weight", 1)]}, "fixed": ["inp"]}
+    torch.manual_seed(0)
+    base, target = hmm.mlp(64, [32], 10), hmm.mlp(64, [16], 10)
+    res = hm.align(base, target, base_spec=spec, target_spec=spec)
+    assert torch.equal(res.maps["inp"], torch.arange(64))          # fixed: by position
+    assert int((res.maps["h"] >= 0).sum()) == 16
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(hm.merge(base, target, res, lam=1.0)(x), target(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SpecError, match=r"fixed group\(s\) \['nope'\]"):
+        hm.align(base, target, base_spec={"groups": spec["groups"], "fixed": ["nope"]})

@@ -101,10 +101,100 @@ def recompute_bn(model: nn.Module, data, batch_size: int | None = None) -> nn.Mo
     return m.train(model.training)
 
 
+class _Mix(nn.Module):
+    """A Linear/Conv evaluated at merging factor `lam` from its two ends, by linearity:
+    f(x; (1-λ)·A + λ·B~) = (1-λ)·f(x; A) + λ·f(x; B~). Under vmap over `lam` with a shared input x,
+    the two end calls do not depend on λ and run once for all K factors instead of K times."""
+
+    def __init__(self, mod: nn.Module, a_w, a_b, b_w, b_b):
+        super().__init__()
+        self.mod = mod
+        self.register_buffer("a_w", a_w)
+        self.register_buffer("b_w", b_w)
+        self.register_buffer("a_b", a_b)
+        self.register_buffer("b_b", b_b)
+        self.register_buffer("lam", torch.zeros((), dtype=a_w.dtype))
+
+    def _f(self, x, w, b):
+        if isinstance(self.mod, nn.Linear):
+            return F.linear(x, w, b)
+        return self.mod._conv_forward(x, w, b)
+
+    def forward(self, x):
+        # one fused pass over the [K, N, out] result (lerp: a + λ·(b - a))
+        return torch.lerp(self._f(x, self.a_w, self.a_b), self._f(x, self.b_w, self.b_b), self.lam)
+
+
+def _input_layers(base: nn.Module, pairing) -> dict[str, list[str]]:
+    """Paired Linear/Conv layers that read the model input: {module path: [paired keys]}.
+    (Mixing is exact for any layer; it only saves work where the input is shared by all λ.)"""
+    mods = dict(base.named_modules())
+    out = {}
+    for pp in pairing.params:
+        path, _, local = pp.base_key.rpartition(".")
+        if local != "weight" or len(pp.links) != 2:
+            continue
+        if not pairing.links[pp.links[1]].base_group.startswith("input"):
+            continue
+        m = mods.get(path)
+        if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            out[path] = [k for k in (f"{path}.weight", f"{path}.bias")
+                         if any(q.base_key == k for q in pairing.params)]
+    return out
+
+
+def _template(base, mixed, pairing, maps, sa, sb, fill) -> nn.Module:
+    """The module the K models run through: `base` itself when nothing changes, otherwise a copy of
+    its module structure (tensors shared, not copied) in eval mode with the input layers mixed."""
+    training = any(m.training for m in base.modules())
+    if not mixed and not training:
+        return base   # functional_call leaves the module it runs as it was
+    if training:
+        memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+        tpl = copy.deepcopy(base, memo).eval()
+        owned = {id(m) for m in tpl.modules()}
+    else:
+        # copy-on-write: only the ancestors of mixed layers are (shallowly) copied; a full
+        # structural copy costs more than the whole sweep of a small model
+        tpl = _shallow(base)
+        owned = {id(tpl)}
+    one = {pp.base_key: pp for pp in pairing.params}
+    for path, keys in mixed.items():
+        parent = tpl
+        for part in path.split(".")[:-1]:
+            child = parent._modules[part]
+            if id(child) not in owned:
+                child = _shallow(child)
+                owned.add(id(child))
+                parent._modules[part] = child
+            parent = child
+        name = path.rpartition(".")[2]
+        mod = parent._modules[name]
+        ends = {}
+        for k in (f"{path}.weight", f"{path}.bias"):
+            if k in keys:
+                sub = type(pairing)(pairing.layer_map, pairing.links, [one[k]], pairing.cases)
+                ends[k] = interpolate_params(sub, maps, sa, sb, torch.tensor([1.0]), fill)[k][0]
+            else:   # unpaired (or absent) bias: the base's at both ends
+                ends[k] = sa.get(k)
+        a_b = sa.get(f"{path}.bias")
+        parent._modules[name] = _Mix(mod, sa[f"{path}.weight"], a_b, ends[f"{path}.weight"],
+                                     ends[f"{path}.bias"])
+    return tpl
+
+
+def _shallow(m: nn.Module) -> nn.Module:
+    """A copy of `m` sharing its tensors and children but owning its dict of children."""
+    c = copy.copy(m)
+    c._modules = dict(m._modules)
+    return c
+
+
+
 def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any = None,
           target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
           loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
-          max_chunk_bytes: int = 1 << 29) -> SweepResult:
+          max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True) -> SweepResult:
     """Evaluate the merge of `target` into `base` at K merging factors at once.
 
     res: AlignResult, or None for the unaligned baseline (maps by position).
@@ -115,6 +205,8 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     bn_data: when given, BatchNorm running statistics are re-estimated on it for each λ (interpolated
       statistics are wrong for the merged weights); otherwise they are interpolated like the weights.
     max_chunk_bytes: bound on the stacked merged weights held at once.
+    mix_inputs: run the layers that read the model input once at each end of the path and mix
+      (f(x; (1-λ)A + λB) = (1-λ) f(x; A) + λ f(x; B) for Linear/Conv): 2 evaluations instead of K.
     """
     if data is None:
         raise ValueError("sweep: data= (base-domain (X, y) or batches) is required")
@@ -134,17 +226,19 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     lam_all = torch.cat([lambdas, torch.tensor(ends, dtype=torch.float64)])
     K = lam_all.numel()
 
-    template = copy.deepcopy(base).eval()
     sa = base.state_dict()
     sb = target.state_dict()
-    paired = {pp.base_key for pp in pairing.params}
+    reset_bn = bn_data is not None and _has_bn(base)
+    mixed = {} if reset_bn or not mix_inputs else _input_layers(base, pairing)
+    template = _template(base, mixed, pairing, maps, sa, sb, fill)
+    mixed_keys = {k for keys in mixed.values() for k in keys}
+    paired = {pp.base_key for pp in pairing.params} - mixed_keys
     names = dict(template.named_parameters())
     names.update(dict(template.named_buffers()))
     # float tensors the K models differ in; everything else is shared (in_dims=None)
     fixed = {k: v for k, v in names.items() if k not in paired}
     bytes_per_model = sum(sa[k].numel() * sa[k].element_size() for k in paired) or 1
     chunk = max(1, min(K, max_chunk_bytes // bytes_per_model))
-    reset_bn = bn_data is not None and _has_bn(template)
 
     def model_fn(p, x):
         return functional_call(template, {**fixed, **p}, (x,))
@@ -158,8 +252,11 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
             lam = lam_all[s:s + chunk]
             t0 = time.perf_counter()
             stacked = {}
-            for k, v in interpolate_params(pairing, maps, sa, sb, lam.to(torch.float32), fill).items():
+            for k, v in interpolate_params(pairing, maps, sa, sb, lam.to(torch.float32), fill,
+                                           keys=paired).items():
                 stacked[k] = v
+            for path in mixed:
+                stacked[f"{path}.lam"] = lam.to(sa[mixed[path][0]].dtype)
             if reset_bn:
                 stats = [_reestimate_bn(template, {k: v[i] for k, v in stacked.items()}, bn_data,
                                         batch_size) for i in range(len(lam))]

@@ -54,8 +54,14 @@ class WeightMatching:
                        only where target units are dropped (target wider than base).
     """
 
+    # an incremental term is rebuilt from scratch when more than this fraction of its map changed
+    # (the update would cost more than a rebuild) or after this many updates (bounds rounding drift)
+    REBUILD_FRACTION = 0.5
+    MAX_UPDATES = 8
+
     def __init__(self, pairing: Pairing, sa: Mapping[str, torch.Tensor], sb: Mapping[str, torch.Tensor],
-                 objective: str = "inner", links: list[str] | None = None):
+                 objective: str = "inner", links: list[str] | None = None, incremental: bool = True,
+                 cache_bytes: int = 1 << 31):
         if objective not in ("inner", "l2"):
             raise ValueError(f"objective: expected 'inner' or 'l2', got {objective!r}")
         self.objective_kind = objective
@@ -84,12 +90,55 @@ class WeightMatching:
         self.scale = math.sqrt(na * nb) if objective == "inner" else (na + nb)
         self.scale = self.scale or 1.0
         self.base_sq = na
+        # incremental costs: the link's [n_a, n_b] cost is kept with the neighbour maps it was built
+        # from; when only some entries of those maps changed (late sweeps), it is updated in place by
+        # cost(changed entries, new maps) - cost(changed entries, old maps), one ops.cost_matrix call
+        # (-A carries the minus) whose time is proportional to the changed entries (-1 is skipped)
+        need = sum(pairing.links[ln].n_a * pairing.links[ln].n_b * 4 for ln in self.terms)
+        self.incremental = incremental and need <= cache_bytes
+        self._cache: dict[str, list] = {}     # link -> [C, {term: snapshot map}, updates]
+        self._neg: dict[tuple[str, int], torch.Tensor] = {}
 
-    def cost(self, link: str, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """[n_a, n_b] cost of `link` given the other links' maps (maximize)."""
+    def _full(self, link: str, maps) -> torch.Tensor:
         terms = [(av, bv, maps[o] if o is not None else None, blk)
                  for av, bv, _, o, blk in self.terms[link]]
-        C = ops.cost_matrix(terms)
+        return ops.cost_matrix(terms)
+
+    def _incremental(self, link: str, maps) -> torch.Tensor:
+        terms = self.terms[link]
+        entry = self._cache.get(link)
+        if entry is not None:
+            C, snaps, updates = entry
+            delta, moved, total = [], 0, 0
+            for t, (av, bv, _, o, blk) in enumerate(terms):
+                if o is None:
+                    continue
+                cur, old = maps[o], snaps[t]
+                changed = cur != old
+                n = int(changed.sum())
+                moved, total = moved + n, total + cur.numel()
+                if n:
+                    skip = torch.full_like(cur, -1)
+                    if (link, t) not in self._neg:
+                        self._neg[(link, t)] = -av
+                    delta.append((av, bv, torch.where(changed, cur, skip), blk))
+                    delta.append((self._neg[(link, t)], bv, torch.where(changed, old, skip), blk))
+            if not delta:
+                return C
+            if moved <= self.REBUILD_FRACTION * total and updates < self.MAX_UPDATES:
+                C += ops.cost_matrix(delta)
+                self._cache[link] = [C, {t: maps[o].clone() for t, (*_, o, _b) in enumerate(terms)
+                                         if o is not None}, updates + 1]
+                return C
+        C = self._full(link, maps)
+        self._cache[link] = [C, {t: maps[o].clone() for t, (*_, o, _b) in enumerate(terms)
+                                 if o is not None}, 0]
+        return C
+
+    def cost(self, link: str, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[n_a, n_b] cost of `link` given the other links' maps (maximize). Read-only for callers:
+        with incremental costs it is the cached matrix."""
+        C = self._incremental(link, maps) if self.incremental else self._full(link, maps)
         if self.objective_kind == "l2":
             # ||T(B)_j||^2 of each target unit j over the mapped inner entries: a 1 × n_b cost
             norms = [(torch.ones(1, av.shape[1], dtype=av.dtype, device=av.device), b2,
@@ -101,8 +150,18 @@ class WeightMatching:
     def objective(self, maps: Mapping[str, torch.Tensor]) -> float:
         """sum_p <A_p, T(B_p)> (inner), or -sum_p ||A_p - T(B_p)||^2 (l2)."""
         total = 0.0
+        inv = {}
         for pp in self.pairing.params:
             a, b = self.a[pp.base_key], self.b[pp.target_key]
+            if self.objective_kind == "inner" and b.numel() < a.numel():
+                # <A, T(B)> = <T^-1(A), B>: gather the smaller tensor (the gather is the cost)
+                for ln in pp.links:
+                    if ln not in inv:
+                        inv[ln] = _inverse(maps[ln], self.pairing.links[ln].n_b)
+                rows = expand_map(inv[pp.links[0]], pp.blocks[0])
+                cols = expand_map(inv[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
+                total += float(torch.dot(ops.permute_pad(a, rows, cols).reshape(-1), b.reshape(-1)))
+                continue
             rows, cols = transform(pp, maps)
             tb = ops.permute_pad(b, rows, cols)
             if self.objective_kind == "inner":
@@ -110,6 +169,14 @@ class WeightMatching:
             else:
                 total -= float((a - tb).square().sum())
         return total
+
+
+def _inverse(src: torch.Tensor, n_b: int) -> torch.Tensor:
+    """Target unit -> base slot (-1 where the target unit was dropped)."""
+    inv = torch.full((n_b,), -1, dtype=torch.long, device=src.device)
+    ok = src >= 0
+    inv[src[ok]] = torch.nonzero(ok)[:, 0]
+    return inv
 
 
 # ---------------------------------------------------------------------------------------------

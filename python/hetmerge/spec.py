@@ -13,7 +13,6 @@ index map each, base size, -1 = padding) that ``align`` solves and ``merge``/``s
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -474,7 +473,7 @@ def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:
     """Unit map [n] -> entry map [n·block] for an axis that holds `block` entries per unit."""
     if block == 1:
         return src
-    r = torch.arange(block, dtype=torch.long)
+    r = torch.arange(block, dtype=torch.long, device=src.device)
     out = src[:, None] * block + r
     return torch.where(src[:, None] >= 0, out, torch.full_like(out, -1)).reshape(-1)
 
@@ -548,9 +547,20 @@ def _layer_case(a: torch.Size, b: torch.Size) -> str:
     return "size-incompatible" if d0 * d1 < 0 else "size-compatible"
 
 
-def _resolve_layer_map(layer_map, base_layers: list[str], target_layers: list[str]) -> dict[str, str]:
+def _resolve_layer_map(layer_map, base_layers: list[str], target_layers: list[str],
+                       base_kinds=None, target_kinds=None) -> dict[str, str]:
     if layer_map is None:
-        return dict(zip(base_layers, target_layers))   # shallow to shallow, in order
+        # shallow to shallow, in order; a layer is paired with the next target layer of its kind
+        # (a conv never with a Linear), so a deeper conv stack leaves its extra convs unpaired
+        out, j = {}, 0
+        for b, kb in zip(base_layers, base_kinds or [None] * len(base_layers)):
+            k = j
+            while k < len(target_layers) and target_kinds and target_kinds[k] != kb:
+                k += 1
+            if k < len(target_layers):
+                out[b] = target_layers[k]
+                j = k + 1
+        return out
     items = layer_map.items() if isinstance(layer_map, Mapping) else layer_map
     out = {}
     for b, t in items:
@@ -569,7 +579,8 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
                layer_map=None) -> Pairing:
     """Pair the layers of two graphs and derive the links (index maps) to solve.
 
-    layer_map: None (shallow to shallow, in order), or {base layer: target layer} by name or index,
+    layer_map: None (shallow to shallow, in order, each base layer with the next target layer of the
+    same kind: Linear with Linear, conv with conv of the same kernel), or {base layer: target layer} by name or index,
     or a list of pairs. Base layers not in the map keep their weights. Pairing a deeper target layer
     into a shallower base layer is allowed but warned about (the paper found it harmful).
     Parameters pair by role within a layer pair (weight, bias, norm.*); roles only one side has are
@@ -578,7 +589,11 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     sa, sb = _state(base), _state(target)
     bl = [l.name for l in base_spec.layers]
     tl = [l.name for l in target_spec.layers]
-    lmap = _resolve_layer_map(layer_map, bl, tl)
+    def kind(layer, sd):
+        w = sd.get(layer.params.get("weight", ""))
+        return None if w is None else (w.dim(), tuple(w.shape[2:]))
+    lmap = _resolve_layer_map(layer_map, bl, tl, [kind(l, sa) for l in base_spec.layers],
+                              [kind(l, sb) for l in target_spec.layers])
     deep = [(b, t) for b, t in lmap.items() if tl.index(t) > bl.index(b)]
     if deep:
         warnings.warn(f"layer_map pairs deeper target layers into shallower base layers {deep}; the "
@@ -619,7 +634,6 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
         for g_a, g_b, *_ in axes:
             partners.setdefault(g_a, set()).add(g_b)
     links: dict[str, Link] = {}
-    by_pair: dict[tuple[str, str], str] = {}
     params = []
     for bkey, tkey, bname, axes in raw:
         names, blocks = [], []
@@ -631,7 +645,6 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
             if (old.n_a, old.n_b) != (n_a, n_b):
                 raise SpecError(f"pair_specs: link {name!r} has sizes {old.n_a}<-{old.n_b} on one tensor "
                                 f"but {n_a}<-{n_b} on {bkey!r}/{tkey!r}")
-            by_pair[(g_a, g_b)] = name
             names.append(name)
             blocks.append(blk)
         params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks)))
