@@ -111,9 +111,12 @@ def test_restarts_keep_the_best():
 def test_depth_mismatch_default_layer_map_and_warning():
     base, target = trained_mlp((128, 64), 0), trained_mlp((64,), 1)
     res = hm.align(base, target)
-    assert res.layer_map == {"fc0": "fc0", "fc1": "head"}   # shallow to shallow, in order
-    # base fc1's 64 units receive the target head's 10 class rows; head stays the base's
-    assert int((res.maps["fc1"] >= 0).sum()) == 10
+    # hidden layers shallow to shallow; with different depths the extra layer and the head stay
+    # the base's (a hidden layer is never paired with a head: that would map units onto classes)
+    assert res.layer_map == {"fc0": "fc0"}
+    assert int((res.maps["fc0"] >= 0).sum()) == 64          # 128 base slots, 64 target units
+    same_depth = hm.align(trained_mlp((128, 64), 0), trained_mlp((64, 32), 1))
+    assert same_depth.layer_map == {"fc0": "fc0", "fc1": "fc1", "head": "head"}
     with pytest.warns(UserWarning, match="deep-to-shallow|deeper target layers"):
         hm.align(base, target, layer_map={"fc0": "head"})
     with pytest.raises(KeyError, match="layer_map: base layer 'nope'"):

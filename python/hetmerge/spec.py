@@ -580,7 +580,9 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     """Pair the layers of two graphs and derive the links (index maps) to solve.
 
     layer_map: None (shallow to shallow, in order, each base layer with the next target layer of the
-    same kind: Linear with Linear, conv with conv of the same kernel), or {base layer: target layer} by name or index,
+    same kind: Linear with Linear, conv with conv of the same kernel; the output layers with each
+    other only when both models have as many hidden layers, so with different depths the extra
+    hidden layers and the head keep the base's weights), or {base layer: target layer} by name or index,
     or a list of pairs. Base layers not in the map keep their weights. Pairing a deeper target layer
     into a shallower base layer is allowed but warned about (the paper found it harmful).
     Parameters pair by role within a layer pair (weight, bias, norm.*); roles only one side has are
@@ -589,12 +591,31 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     sa, sb = _state(base), _state(target)
     bl = [l.name for l in base_spec.layers]
     tl = [l.name for l in target_spec.layers]
-    def kind(layer, sd):
-        w = sd.get(layer.params.get("weight", ""))
-        return None if w is None else (w.dim(), tuple(w.shape[2:]))
-    lmap = _resolve_layer_map(layer_map, bl, tl, [kind(l, sa) for l in base_spec.layers],
-                              [kind(l, sb) for l in target_spec.layers])
-    deep = [(b, t) for b, t in lmap.items() if tl.index(t) > bl.index(b)]
+    def kind(layer, sd, spec):
+        key = layer.params.get("weight", "")
+        w = sd.get(key)
+        if w is None:
+            return None
+        # A layer writing the model's output (fixed output axis) pairs only with the other model's
+        # output layer: pairing a hidden layer with a head would map hidden units onto classes.
+        writes_output = spec.is_fixed(spec.axis_groups(key, w.dim())[0])
+        in_block = spec.block(key, 1) if w.dim() > 1 else 1
+        return (w.dim(), tuple(w.shape[2:]), writes_output, in_block)
+    bkinds = [kind(l, sa, base_spec) for l in base_spec.layers]
+    tkinds = [kind(l, sb, target_spec) for l in target_spec.layers]
+    lmap = _resolve_layer_map(layer_map, bl, tl, bkinds, tkinds)
+    if layer_map is None:
+        # Heads are merged only when the depths match: otherwise the base head reads features of
+        # a layer the target does not have at that depth (selective shallow-to-shallow merging).
+        hidden_b = sum(1 for k in bkinds if k and not k[2])
+        hidden_t = sum(1 for k in tkinds if k and not k[2])
+        if hidden_b != hidden_t:
+            lmap = {b: t for b, t in lmap.items() if not (bkinds[bl.index(b)] or (0, 0, False))[2]}
+
+    def output_pair(b, t):  # head with head is not a deep-to-shallow merge, whatever the depths
+        kb, kt = bkinds[bl.index(b)], tkinds[tl.index(t)]
+        return bool(kb and kt and kb[2] and kt[2])
+    deep = [(b, t) for b, t in lmap.items() if tl.index(t) > bl.index(b) and not output_pair(b, t)]
     if deep:
         warnings.warn(f"layer_map pairs deeper target layers into shallower base layers {deep}; the "
                       "paper found deep-to-shallow merging harmful", stacklevel=3)
