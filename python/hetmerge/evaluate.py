@@ -56,7 +56,8 @@ def lam_star(lambdas: torch.Tensor, acc: torch.Tensor, acc0: float, tol: float) 
     for i in order.tolist():
         if float(acc[i]) < acc0 - tol - 1e-12:
             break
-        best = float(lambdas[i])
+        # rounded: λ grids often come as float32 (torch.linspace), where 0.1 reads 0.10000000149
+        best = round(float(lambdas[i]), 6)
     return best
 
 
