@@ -157,3 +157,15 @@ def test_argument_errors():
         hm.align(m, m, objective="cosine")
     with pytest.raises(TypeError, match="target"):
         hm.align(m, "model")
+
+
+def test_callback_reports_every_sweep_of_every_restart():
+    base = trained_mlp((64, 32), 0)
+    target = trained_mlp((64, 32), 1)
+    calls = []
+    res = hm.align(base, target, restarts=2, callback=lambda r, it, obj, gain: calls.append((r, it, obj, gain)))
+    assert sorted({c[0] for c in calls}) == [0, 1]
+    best_run = [c for c in calls if c[0] == res.restart_objectives.index(max(res.restart_objectives))]
+    assert [c[1] for c in best_run] == list(range(1, len(best_run) + 1))
+    assert [c[2] for c in best_run] == pytest.approx(res.trace[1:])
+    assert all(c[3] >= -1e-6 for c in calls)   # coordinate descent never loses objective

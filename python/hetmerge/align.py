@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ def solve_link(C: torch.Tensor) -> torch.Tensor:
 
 
 def _descent(wm: WeightMatching, maps: dict, order_links: list[str], rng: np.random.Generator,
-             max_iter: int, tol: float, timings: dict) -> tuple[dict, float, list[float], int, bool]:
+             max_iter: int, tol: float, timings: dict,
+             on_sweep: Callable[[int, float, float], None] | None = None) -> tuple[dict, float, list[float], int, bool]:
     """Coordinate descent from `maps`; returns the best maps seen, their objective, the trace."""
     t0 = time.perf_counter()
     obj = wm.objective(maps)
@@ -104,6 +105,8 @@ def _descent(wm: WeightMatching, maps: dict, order_links: list[str], rng: np.ran
         trace.append(new_obj / wm.scale)
         gain = new_obj - obj
         obj = new_obj
+        if on_sweep is not None:
+            on_sweep(it, new_obj / wm.scale, gain / wm.scale)
         if obj > best:
             best_maps, best = dict(maps), obj
         if gain <= tol * abs(obj):
@@ -115,7 +118,8 @@ def _descent(wm: WeightMatching, maps: dict, order_links: list[str], rng: np.ran
 def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=None, data: Any = None,
           restarts: int = 1, max_iter: int = 100, tol: float = 1e-9, seed: int = 0,
           objective: str = "inner", base_spec=None, target_spec=None,
-          example_input=None, incremental: bool = True) -> AlignResult:
+          example_input=None, incremental: bool = True,
+          callback: Callable[[int, int, float, float], None] | None = None) -> AlignResult:
     """Find index maps that align `target` to `base` (neither is modified).
 
     method: "weight" (weight matching) or "activation" (correlation of hidden activations on `data`:
@@ -128,6 +132,8 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
     incremental: keep each cost term and update it from the neighbour-map entries that changed
       (same costs up to rounding; much cheaper once few units move per sweep). Needs
       4·n_a·n_b bytes per term; turned off above 2 GiB in all.
+    callback: called after every sweep as callback(restart, sweep, objective, gain), objective and
+      gain normalized like `trace` (progress bars show the gain per sweep this way).
     """
     if method not in ("weight", "activation"):
         raise ValueError(f"method: expected 'weight' or 'activation', got {method!r}")
@@ -167,7 +173,8 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
     results = []
     for r in range(restarts):
         rng = np.random.default_rng(seed + r)
-        results.append(_descent(wm, dict(init), free, rng, max_iter, tol, timings))
+        on_sweep = None if callback is None else (lambda it, o, g, r=r: callback(r, it, o, g))
+        results.append(_descent(wm, dict(init), free, rng, max_iter, tol, timings, on_sweep))
     best = max(range(restarts), key=lambda i: results[i][1])
     maps, obj, trace, iters, conv = results[best]
     timings["total"] = time.perf_counter() - t_start
