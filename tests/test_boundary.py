@@ -42,16 +42,16 @@ def test_out_is_written_in_place_zero_copy():
 
 def test_large_outputs_are_ordinary_tensors():
     """Outputs above the huge-page threshold live in their own mapping; they must behave normally."""
-    a = torch.randn(512, 2048)
+    a = torch.randn(1024, 4096)  # 3 planes of 16 MiB: above HUGE_PAGE_MIN_BYTES
     out = ops.interpolate(a, a, [0.25, 0.75, 1.0])
-    assert out.is_contiguous() and out.shape == (3, 512, 2048)
+    assert out.is_contiguous() and out.shape == (3, 1024, 4096)
     torch.testing.assert_close(out[2], a, rtol=0, atol=0)
     kept = out[1].clone()
     del out
     torch.testing.assert_close(kept, a, rtol=0, atol=0)
-    n = ops.permute_pad(a.numpy(), np.arange(512)[::-1].copy())
+    n = ops.permute_pad(np.tile(a.numpy(), (2, 2)), np.arange(2048)[::-1].copy())
     assert isinstance(n, np.ndarray) and n.flags.writeable
-    np.testing.assert_array_equal(n, a.numpy()[::-1])
+    np.testing.assert_array_equal(n, np.tile(a.numpy(), (2, 2))[::-1])
 
 
 def test_numpy_negative_strides():
