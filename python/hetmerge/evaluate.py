@@ -56,8 +56,7 @@ def lam_star(lambdas: torch.Tensor, acc: torch.Tensor, acc0: float, tol: float) 
     for i in order.tolist():
         if float(acc[i]) < acc0 - tol - 1e-12:
             break
-        # rounded: λ grids often come as float32 (torch.linspace), where 0.1 reads 0.10000000149
-        best = round(float(lambdas[i]), 6)
+        best = float(lambdas[i])
     return best
 
 
@@ -217,6 +216,9 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     if lambdas is None:
         lambdas = torch.linspace(0, 1, 21)
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
+    # λ grids often arrive as float32 (torch.linspace), where 0.1 is 0.10000000149: snap to 1e-6 so
+    # λ*, the chosen λ and the report read as written (the change is far below any merge effect)
+    lambdas = torch.round(lambdas * 1e6) / 1e6
     if lambdas.numel() == 0:
         raise ValueError("lambdas: must not be empty")
     pairing, maps = resolve(base, target, res, layer_map)
@@ -290,7 +292,7 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
         out[d] = (loss[:n_user].float(), acc[:n_user].float(),
                   barrier(lambdas, loss[:n_user], float(loss[idx0]), float(loss[idx1])), float(acc[idx0]))
     loss, acc, bar, acc0 = out["base"]
-    res_ = SweepResult(lambdas=lambdas.float(), loss=loss, acc=acc, barrier=bar,
+    res_ = SweepResult(lambdas=lambdas, loss=loss, acc=acc, barrier=bar,
                        lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol,
                        timings={"interpolate": t_interp, "forward": t_fwd,
                                 "total": time.perf_counter() - t_start})
