@@ -18,12 +18,17 @@ speedup_vs_naive = naive / ours (higher is better), gflops = 2 n_a n_b K_eff / o
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import hetmerge as hm
+
+if __package__ in (None, ""):  # run as a script: bench/ holds the shared timing helpers
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import best_time  # noqa: E402
 
 
 def _map(k: int, k_target: int, n_pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -76,15 +81,6 @@ def pregathered(terms):
     return torch.cat(a_cols, 1).contiguous(), torch.cat(b_cols, 1).contiguous()
 
 
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def run(widths, repeat: int = 3, cases=("perm", "hetero"), dtype=torch.float32) -> list[dict]:
     rows = []
     for w in widths:
@@ -103,9 +99,9 @@ def run(widths, repeat: int = 3, cases=("perm", "hetero"), dtype=torch.float32) 
             # Interleave the three so that a noisy neighbour slows all of them alike.
             t = {"ours": float("inf"), "mm": float("inf"), "naive": float("inf")}
             for _ in range(repeat):
-                t["ours"] = min(t["ours"], _best(ours, 1))
-                t["mm"] = min(t["mm"], _best(mm, 1))
-                t["naive"] = min(t["naive"], _best(ref, 1))
+                t["ours"] = min(t["ours"], best_time(ours, 1, warmup=0))
+                t["mm"] = min(t["mm"], best_time(mm, 1, warmup=0))
+                t["naive"] = min(t["naive"], best_time(ref, 1, warmup=0))
             rows.append(dict(case=case, n=w, ours_s=t["ours"], mm_pregathered_s=t["mm"], naive_s=t["naive"],
                              ratio_vs_mm=t["ours"] / t["mm"], speedup_vs_naive=t["naive"] / t["ours"],
                              gflops=flops / t["ours"] / 1e9))
