@@ -11,16 +11,41 @@ __all__ = ["digits", "mnist1d", "Split"]
 
 
 class Split(tuple):
-    """(X_train, y_train, X_test, y_test) with attribute access."""
-    __slots__ = ()
+    """(X_train, y_train, X_test, y_test) with attribute access, plus a validation part X_val, y_val
+    (held out from training, disjoint from the test set; empty when val_size=0). It unpacks as the
+    4-tuple so that code written before the validation part existed keeps working; choose
+    hyperparameters (such as the merging factor λ) on the validation part and report on the test set."""
 
-    def __new__(cls, Xtr, ytr, Xte, yte):
-        return super().__new__(cls, (Xtr, ytr, Xte, yte))
+    def __new__(cls, Xtr, ytr, Xte, yte, Xval=None, yval=None):
+        self = super().__new__(cls, (Xtr, ytr, Xte, yte))
+        self.X_val = Xtr[:0] if Xval is None else Xval
+        self.y_val = ytr[:0] if yval is None else yval
+        return self
 
     X_train = property(lambda s: s[0])
     y_train = property(lambda s: s[1])
     X_test = property(lambda s: s[2])
     y_test = property(lambda s: s[3])
+
+    @property
+    def val(self):
+        return self.X_val, self.y_val
+
+    @property
+    def test(self):
+        return self.X_test, self.y_test
+
+
+def _carve_val(X, y, val_size: int, seed: int):
+    """(X_train, y_train, X_val, y_val): `val_size` training samples picked with a fixed seed.
+    val_size=0 leaves the training set exactly as it was (same order)."""
+    if not 0 <= val_size < len(y):
+        raise ValueError(f"val_size: must be in [0, {len(y)}), got {val_size}")
+    if val_size == 0:
+        return X, y, X[:0], y[:0]
+    perm = np.random.default_rng(seed).permutation(len(y))
+    v, t = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    return X[t], y[t], X[v], y[v]
 
 
 @functools.lru_cache(maxsize=4)
@@ -33,15 +58,18 @@ def _digits_np(seed: int, test_size: int):
     return X[test_size:], y[test_size:], X[:test_size], y[:test_size]
 
 
-def digits(seed: int = 0, test_size: int = 450, image: bool = False) -> Split:
-    """sklearn digits (1797 8×8 images, 10 classes), shuffled with `seed`; test set of `test_size`.
+def digits(seed: int = 0, test_size: int = 450, image: bool = False, val_size: int = 0) -> Split:
+    """sklearn digits (1797 8×8 images, 10 classes), shuffled with `seed`; test set of `test_size`;
+    validation part of `val_size` samples taken out of the training set (fixed seed `seed`).
 
     X: [N, 64] float32 in [0, 1], or [N, 1, 8, 8] when image=True; y: [N] int64.
     """
-    Xtr, ytr, Xte, yte = (torch.from_numpy(a) for a in _digits_np(seed, test_size))
+    Xtr, ytr, Xte, yte = _digits_np(seed, test_size)
+    Xtr, ytr, Xv, yv = _carve_val(Xtr, ytr, val_size, seed)
+    Xtr, ytr, Xte, yte, Xv, yv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (Xtr, ytr, Xte, yte, Xv, yv))
     if image:
-        Xtr, Xte = Xtr.view(-1, 1, 8, 8), Xte.view(-1, 1, 8, 8)
-    return Split(Xtr, ytr, Xte, yte)
+        Xtr, Xte, Xv = Xtr.view(-1, 1, 8, 8), Xte.view(-1, 1, 8, 8), Xv.view(-1, 1, 8, 8)
+    return Split(Xtr, ytr, Xte, yte, Xv, yv)
 
 
 @functools.lru_cache(maxsize=2)
@@ -54,12 +82,15 @@ def _mnist1d_np(seed: int):
             d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
 
 
-def mnist1d(seed: int = 42, channels: bool = False) -> Split:
-    """MNIST-1D (4000 train / 1000 test sequences of length 40, 10 classes).
+def mnist1d(seed: int = 42, channels: bool = False, val_size: int = 0) -> Split:
+    """MNIST-1D (4000 train / 1000 test sequences of length 40, 10 classes); validation part of
+    `val_size` sequences taken out of the training set (fixed seed `seed`).
 
     X: [N, 40] float32, or [N, 1, 40] when channels=True (for Conv1d); y: [N] int64.
     """
-    Xtr, ytr, Xte, yte = (torch.from_numpy(a) for a in _mnist1d_np(seed))
+    Xtr, ytr, Xte, yte = _mnist1d_np(seed)
+    Xtr, ytr, Xv, yv = _carve_val(Xtr, ytr, val_size, seed)
+    Xtr, ytr, Xte, yte, Xv, yv = (torch.from_numpy(np.ascontiguousarray(a)) for a in (Xtr, ytr, Xte, yte, Xv, yv))
     if channels:
-        Xtr, Xte = Xtr[:, None], Xte[:, None]
-    return Split(Xtr, ytr, Xte, yte)
+        Xtr, Xte, Xv = Xtr[:, None], Xte[:, None], Xv[:, None]
+    return Split(Xtr, ytr, Xte, yte, Xv, yv)

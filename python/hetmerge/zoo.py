@@ -24,7 +24,7 @@ __all__ = ["cache_dir", "Recipe", "ZooModel", "ARCHS", "QUICK_ARCHS", "load_data
            "train_zoo", "zoo_layer_map"]
 
 # Bump when the training recipe or builders change in a way the key does not capture.
-ZOO_VERSION = 1
+ZOO_VERSION = 2   # 2: training sets exclude the validation part (VAL_SIZES)
 
 # hidden widths per architecture: widths 32-256, depths 2-4, one tapered net so that some pairs
 # are size-incompatible (one side wider on a layer's input, the other on its output)
@@ -54,32 +54,38 @@ class Recipe:
     batch_size: int = 128
 
 
+# validation samples held out of each training set (fixed seed): the demo chooses λ on them and
+# reports on the test set
+VAL_SIZES = {"digits": 300, "mnist1d": 500}
+
 # epochs: enough for a stable test accuracy; the whole zoo trains in about a minute on two cores
 RECIPES = {"digits": Recipe(epochs=30), "mnist1d": Recipe(epochs=20)}
 QUICK_RECIPES = {"digits": Recipe(epochs=12), "mnist1d": Recipe(epochs=8)}
 
 
 def load_data(name: str, cache: Path | None = None):
-    """Split (X_train, y_train, X_test, y_test) of 'digits' or 'mnist1d' via hetmerge.data, the
-    generated MNIST-1D arrays cached (generating them takes seconds)."""
+    """Split (X_train, y_train, X_test, y_test, + X_val, y_val of VAL_SIZES[name] samples held out of
+    training) of 'digits' or 'mnist1d' via hetmerge.data, the generated MNIST-1D arrays cached
+    (generating them takes seconds)."""
     from . import data
 
-    if name == "digits":
-        return data.digits()
-    if name != "mnist1d":
+    if name not in VAL_SIZES:
         raise ValueError(f"data: expected 'digits' or 'mnist1d', got {name!r}")
+    if name == "digits":
+        return data.digits(val_size=VAL_SIZES[name])
     if cache is None:
-        return data.mnist1d()
-    f = cache / "data" / "mnist1d-seed42.safetensors"
+        return data.mnist1d(val_size=VAL_SIZES[name])
+    f = cache / "data" / f"mnist1d-seed42-val{VAL_SIZES[name]}.safetensors"
+    keys = ("X_train", "y_train", "X_test", "y_test", "X_val", "y_val")
     if f.exists():
         try:
             s = load_state(f, mmap=False)
-            return data.Split(s["X_train"], s["y_train"], s["X_test"], s["y_test"])
+            return data.Split(*(s[k] for k in keys))
         except (CheckpointError, KeyError):
             pass   # corrupt cache entry: regenerate
-    split = data.mnist1d()
+    split = data.mnist1d(val_size=VAL_SIZES[name])
     f.parent.mkdir(parents=True, exist_ok=True)
-    save_state({"X_train": split[0], "y_train": split[1], "X_test": split[2], "y_test": split[3]}, f)
+    save_state(dict(zip(keys, (*split, split.X_val, split.y_val))), f)
     return split
 
 
@@ -103,7 +109,7 @@ class ZooModel:
 
 
 def _key(dataset: str, widths, seed: int, recipe: Recipe, in_dim: int) -> str:
-    spec = json.dumps({"v": ZOO_VERSION, "data": dataset, "in": in_dim, "widths": list(widths), "seed": seed,
+    spec = json.dumps({"v": ZOO_VERSION, "data": dataset, "val": VAL_SIZES.get(dataset, 0), "in": in_dim, "widths": list(widths), "seed": seed,
                        "recipe": recipe.__dict__, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
@@ -121,7 +127,8 @@ def train_zoo(datasets: Sequence[str], archs: dict[str, list[int]], seeds: Seque
     for d in datasets:
         t0 = time.perf_counter()
         splits[d] = load_data(d, cache)
-        log(f"data {d}: {len(splits[d][1])} train / {len(splits[d][3])} test samples "
+        log(f"data {d}: {len(splits[d][1])} train / {len(splits[d].y_val)} validation / "
+            f"{len(splits[d][3])} test samples "
             f"({time.perf_counter() - t0:.1f} s)")
     threads = torch.get_num_threads()
     try:
