@@ -1,5 +1,7 @@
 """hm.merge: invariances first (λ = 0 is the base; a narrower target merged at λ = 1 with zero fill is
 the target, exactly), then per-layer λ, fill="base", and immutability of the inputs."""
+import copy
+
 import pytest
 import torch
 
@@ -103,7 +105,19 @@ def test_heterogeneous_widths_and_depths_beyond_mlps(kind):
         res = hm.align(base, target, restarts=2)
     if kind == "cnn":   # the extra conv, the hidden fc and the head (other depth) stay the base's
         assert res.layer_map == {"conv0": "conv0", "conv1": "conv1"}
-    assert res.objective > res.trace[0] * 0 and res.trace[-1] >= res.trace[0]
+    # the reported objective is sum_p <A_p, T(B_p)> over the paired tensors, recomputed here in plain
+    # torch from the maps; alignment must beat pairing by position on that same number
+    pos = res.pairing.position_maps()
+    assert res.objective == pytest.approx(_inner_of_aligned(res.pairing, base, target, res.maps), rel=1e-5)
+    assert res.objective >= _inner_of_aligned(res.pairing, base, target, pos) - 1e-6
+    assert res.trace[-1] >= res.trace[0]
+    # planted: the base with its hidden units permuted is recovered exactly, objective = sum_p ||A_p||^2
+    planted, _ = _planted_permutation(base, x)
+    pres = hm.align(base, planted, restarts=2)
+    sa = base.state_dict()
+    norm = sum(float(sa[pp.base_key].double().square().sum()) for pp in pres.pairing.params)
+    assert pres.objective == pytest.approx(norm, rel=1e-5)
+    assert pres.objective == pytest.approx(_inner_of_aligned(pres.pairing, base, planted, pres.maps), rel=1e-5)
     torch.testing.assert_close(hm.merge(base, target, res, lam=0.0)(x), base(x))
     merged = hm.merge(base, target, res, lam=0.4)
     assert type(merged) is type(base) and merged.state_dict().keys() == base.state_dict().keys()
@@ -112,6 +126,38 @@ def test_heterogeneous_widths_and_depths_beyond_mlps(kind):
     curve = hm.sweep(base, target, res, torch.linspace(0, 1, 5), data=(x, y))
     assert curve.loss.shape == (5,) and torch.isfinite(curve.loss).all()
     assert same_state(base, before[0]) and same_state(target, before[1])
+
+
+def _inner_of_aligned(pairing, base, target, maps) -> float:
+    """sum over paired tensors of <A, B gathered into the base's slots by the maps> (float64, padding
+    zero), written with index_select: independent of hetmerge.ops and of WeightMatching."""
+    from reference import gather_pad
+    sa, sb = base.state_dict(), target.state_dict()
+    total = 0.0
+    for pp in pairing.params:
+        b = sb[pp.target_key].detach().double()
+        for d, ln in enumerate(pp.links):
+            src, blk = maps[ln], pp.blocks[d]
+            entries = torch.stack([torch.where(src >= 0, src * blk + r, -1) for r in range(blk)], 1).reshape(-1)
+            b = gather_pad(b, entries.numpy(), d)
+        total += float((sa[pp.base_key].detach().double() * b).sum())
+    return total
+
+
+def _planted_permutation(model, x):
+    """A copy of `model` with every free hidden group permuted at random (checked: same function)."""
+    from hetmerge.spec import permute_state
+    spec = hm.trace_spec(model, x)
+    g = torch.Generator().manual_seed(3)
+    perms = {grp: torch.randperm(n, generator=g) for grp, n in spec.sizes.items()}   # sizes: free groups only
+    out = copy.deepcopy(model)
+    out.load_state_dict(permute_state(spec, model.state_dict(), perms))
+    was = model.training
+    out.eval(), model.eval()   # BN: compare with running statistics, which move with the units
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-5)
+    model.train(was)
+    return out, perms
 
 
 class _no_warning:
