@@ -84,12 +84,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Tensors -> lists, paths -> str, dataclasses -> dicts; non-finite floats stay (as NaN/Infinity)."""
+    """Tensors -> lists, paths -> str, dataclasses -> dicts, non-finite floats -> None: the result
+    is strict JSON (json.dumps(..., allow_nan=False) succeeds; NaN/Infinity are not JSON)."""
     import dataclasses
     from pathlib import PurePath
 
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if torch.is_tensor(obj):
-        return obj.detach().cpu().tolist()
+        return to_jsonable(obj.detach().cpu().tolist())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if f.repr or f.name != "pairing"}
@@ -99,15 +102,17 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, PurePath):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist) and getattr(obj, "ndim", 0) > 0:   # numpy arrays
+        return to_jsonable(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):   # numpy scalars
+        return to_jsonable(obj.item())
     return obj
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
     p = Path(path)
     with atomic_write(p, "w") as f:
-        json.dump(to_jsonable(obj), f, indent=2)
+        json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
         f.write("\n")
     return p
 
@@ -210,18 +215,32 @@ def plot_traces(traces: Mapping[str, Sequence[float]], path: str | Path, title: 
     return _save(fig, path)
 
 
-def plot_assembly(steps: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
-    """Accuracy of the assembled model after each integration step, on the base and target domains.
-    steps: [{"model", "lam", "base_acc", "target_acc"}], steps[0] = the base model alone."""
+def plot_assembly(steps: Sequence[Mapping[str, Any]], path: str | Path, title: str,
+                  member_label: str = "model merged in, alone (test)") -> Path:
+    """Accuracy of the assembled model after each integration step: on the test split (reported) and
+    on the validation split λ was chosen on, plus each merged-in model's own accuracy.
+    steps: [{"model", "lam", "test_acc", "val_acc", "member_acc", "replaced"}], steps[0] = the base
+    alone. member_label names what member_acc is; call it "target-domain" only when the members come
+    from a domain other than the base's."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(steps) + 2), 4.2))
     x = list(range(len(steps)))
-    ax.plot(x, [100 * s["base_acc"] for s in steps], "-o", color="tab:blue", label="base-domain test accuracy")
-    if any(s.get("target_acc") is not None for s in steps):
-        ax.plot(x, [100 * s["target_acc"] if s.get("target_acc") is not None else float("nan") for s in steps],
-                "-s", color="tab:green", label="target-domain test accuracy (of the model merged in)")
-    ax.set_xticks(x, [s["model"] if i == 0 else f"+{s['model']}\nλ={s['lam']:.2f}" for i, s in enumerate(steps)],
-                  fontsize=7)
+
+    def series(key):
+        return [100 * s[key] if s.get(key) is not None else float("nan") for s in steps]
+
+    ax.plot(x, series("test_acc"), "-o", color="tab:blue", label="assembled model, test accuracy")
+    if any(s.get("val_acc") is not None for s in steps):
+        ax.plot(x, series("val_acc"), "--o", color="tab:blue", alpha=0.5, ms=3,
+                label="assembled model, validation accuracy (λ chosen on it)")
+    if any(s.get("member_acc") is not None for s in steps):
+        ax.plot(x, series("member_acc"), "s", color="tab:green", label=member_label)
+
+    def tick(i, s):
+        if i == 0:
+            return s["model"]
+        return f"+{s['model']}\nλ={s['lam']:.2f}" + (" (replaced)" if s.get("replaced") else "")
+    ax.set_xticks(x, [tick(i, s) for i, s in enumerate(steps)], fontsize=7)
     ax.set_xlabel("integration step")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

@@ -109,7 +109,8 @@ class ZooModel:
 
 
 def _key(dataset: str, widths, seed: int, recipe: Recipe, in_dim: int) -> str:
-    spec = json.dumps({"v": ZOO_VERSION, "data": dataset, "val": VAL_SIZES.get(dataset, 0), "in": in_dim, "widths": list(widths), "seed": seed,
+    spec = json.dumps({"v": ZOO_VERSION, "data": dataset, "val": VAL_SIZES.get(dataset, 0), "in": in_dim,
+                       "widths": list(widths), "seed": seed,
                        "recipe": recipe.__dict__, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
