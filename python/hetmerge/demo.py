@@ -109,6 +109,23 @@ def _eval_pair(hm, b: ZooModel, t: ZooModel, test, lambdas, restarts: int, seed:
     }
 
 
+def barrier_counts(results: dict[tuple[str, str], dict], eps: float = 1e-6) -> dict[str, Any]:
+    """How alignment changed the barrier over all pairs: lower, equal (within eps: both ~0, no barrier
+    to remove) and worse, the worse ones named as {"pair": "base<-target", "unaligned", "aligned"}."""
+    lower = equal = 0
+    worse = []
+    for (a, b), r in results.items():
+        un, al = r["unaligned"]["barrier"], r["aligned"]["barrier"]
+        if al < un - eps:
+            lower += 1
+        elif al > un + eps:
+            worse.append({"pair": f"{a}<-{b}", "unaligned": un, "aligned": al})
+        else:
+            equal += 1
+    return {"pairs_aligned_lower": lower, "pairs_equal": equal, "pairs_aligned_worse": len(worse),
+            "worse_pairs": worse, "pairs": len(results)}
+
+
 def _acc_at(curve: dict, lambdas: list[float], lam: float) -> float:
     i = min(range(len(lambdas)), key=lambda k: abs(lambdas[k] - lam))
     return curve["acc"][i]
@@ -181,12 +198,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         t_pairs = time.perf_counter() - t0
         before = [[results[(a, b)]["unaligned"]["barrier"] for b in names] for a in names]
         after = [[results[(a, b)]["aligned"]["barrier"] for b in names] for a in names]
-        cells = [(before[i][j], after[i][j]) for i in range(len(names)) for j in range(len(names))]
-        lower = sum(a < b - 1e-6 for b, a in cells)
-        equal = sum(abs(a - b) <= 1e-6 for b, a in cells)   # both ~0: no barrier to remove
-        worse = [{"pair": f"{a}<-{b}", "unaligned": results[(a, b)]["unaligned"]["barrier"],
-                  "aligned": results[(a, b)]["aligned"]["barrier"]} for a, b in pairs
-                 if results[(a, b)]["aligned"]["barrier"] > results[(a, b)]["unaligned"]["barrier"] + 1e-6]
         show = []
         for label, a, b in showcase:
             r = dict(results[(a, b)])
@@ -194,8 +205,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             show.append(r)
         rep["datasets"][d] = {
             "archs": names, "barrier_unaligned": before, "barrier_aligned": after,
-            "pairs_aligned_lower": lower, "pairs_equal": equal, "pairs_aligned_worse": len(worse),
-            "worse_pairs": worse, "pairs": len(pairs),
+            **barrier_counts(results),
             "not_target_at_lam1": [f"{a}<-{b}" for a, b in pairs if not results[(a, b)]["lam1_is_target"]],
             "mean_barrier_unaligned": sum(map(sum, before)) / len(pairs),
             "mean_barrier_aligned": sum(map(sum, after)) / len(pairs),
