@@ -167,6 +167,10 @@ def test_a_step_at_lam_one_is_a_replacement_only_when_allowed():
         hm.assemble(base, {"longer": planted}, data=val, restarts=1, objective=lambda c: len(c.lambdas) - 1)
     with pytest.raises(ValueError, match="lam_max: must be in"):
         hm.assemble(base, {"longer": planted}, data=val, lam_max=1.5)
+    with pytest.raises(ValueError, match="eval_data: is the data λ is chosen on"):
+        hm.assemble(base, {"longer": planted}, data=val, eval_data=val)
+    with pytest.raises(ValueError, match="target_eval_data: needs eval_data"):
+        hm.assemble(base, {"longer": planted}, data=val, target_eval_data=test)
 
 
 def test_assembly_without_target_data_takes_the_largest_lam_within_tol_and_custom_objective():

@@ -108,9 +108,10 @@ def assemble(base: nn.Module, zoo: Sequence[nn.Module] | Mapping[str, nn.Module]
     data: base-domain (X, y) the λ is chosen on: a validation split, never the split you report.
     target_data: target-domain selection (X, y), one for all zoo models or a list / {name: (X, y)} per
       model (None: the largest λ within tol).
-    eval_data, target_eval_data: held-out base-/target-domain (X, y) (same forms) on which each step's
-      model is evaluated before and after the step (AssemblyStep.eval_before / eval_after); report
-      these, not `after`, which is measured on the data λ was picked on.
+    eval_data: held-out base-domain (X, y), and target_eval_data: held-out target-domain (X, y) (forms
+      as for target_data; needs eval_data), on which each step's model is evaluated before and after
+      the step (AssemblyStep.eval_before / eval_after); report these, not `after`, which is measured
+      on the data λ was picked on. Without eval_data only those selection metrics exist.
     lam_max: largest λ a step may take. Default: below 1 (the largest grid value < 1), because λ = 1
       replaces the base by the aligned zoo model rather than assembling it; pass allow_replace=True
       (or lam_max=1) to allow that, and such steps are flagged AssemblyStep.replaced.
@@ -124,6 +125,12 @@ def assemble(base: nn.Module, zoo: Sequence[nn.Module] | Mapping[str, nn.Module]
         raise ValueError("assemble: zoo is empty")
     if lambdas is None:
         lambdas = torch.linspace(0, 1, 21)
+    if eval_data is not None and (eval_data is data or (isinstance(eval_data, (tuple, list)) and
+                                                        isinstance(data, (tuple, list)) and
+                                                        eval_data[0] is data[0])):
+        raise ValueError("eval_data: is the data λ is chosen on (data=); pass a held-out split")
+    if target_eval_data is not None and eval_data is None:
+        raise ValueError("target_eval_data: needs eval_data= (held-out base-domain (X, y)) as well")
     if lam_max is not None and not 0.0 <= lam_max <= 1.0:
         raise ValueError(f"lam_max: must be in [0, 1], got {lam_max}")
 
