@@ -309,7 +309,8 @@ def _counts(ds: dict) -> str:
 def _assembly_rows(a: dict) -> list[dict]:
     return [{"step": i, "model merged in": r["model"], "lam": r["lam"], "replaced": r["replaced"],
              "lam*": r.get("lam_star"), "barrier": r.get("barrier"), "val_acc": 100 * r["val_acc"],
-             "test_acc": 100 * r["test_acc"], "alone_test_acc": None if r["member_acc"] is None else 100 * r["member_acc"]}
+             "test_acc": 100 * r["test_acc"],
+             "alone_test_acc": None if r["member_acc"] is None else 100 * r["member_acc"]}
             for i, r in enumerate(a["steps"])]
 
 
@@ -337,8 +338,8 @@ def terminal_summary(rep: dict) -> str:
         lines.append(f"assembly on {a['dataset']}: {len(a['members'])} zoo models merged one by one into "
                      f"{a['base']} ({a['seconds']:.1f} s)")
         lines.append(R.table(_assembly_rows(a), align_left=["model merged in"]))
-        lines.append(f"  λ chosen on the validation split (< 1: λ = 1 would replace the base); accuracies on "
-                     f"the test split unless marked val")
+        lines.append("  λ chosen on the validation split (< 1: λ = 1 would replace the base); accuracies on "
+                     "the test split unless marked val")
         lines.append(f"  base test accuracy {100 * a['base_acc']:.1f}% -> assembled model "
                      f"{100 * a['final_acc']:.1f}%" + (f"; steps that REPLACED the base: {', '.join(a['replacements'])}"
                                                         if a["replacements"] else ""))
