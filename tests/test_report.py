@@ -35,14 +35,14 @@ def test_write_json_writes_strict_json_with_null_for_nan_and_infinity(tmp_path):
 
 def test_barrier_counts_name_the_pairs_alignment_made_worse():
     res = {("64x2", "64x2"): (1.2, 0.1), ("64x4", "64x4"): (1.35, 1.67), ("64x2", "64x4"): (0.0, 0.0),
-           ("64x4", "64x2"): (0.5, 0.2), ("32x2", "64x4"): (0.1, 0.3)}
+           ("64x4", "64x2"): (0.5, 0.2), ("32x2", "64x4"): (0.0, 2.5e-5)}
     results = {k: {"unaligned": {"barrier": u}, "aligned": {"barrier": a}} for k, (u, a) in res.items()}
     c = barrier_counts(results)
     # independent tally
     assert c["pairs_aligned_lower"] == sum(a < u for u, a in res.values()) == 2
     assert c["pairs_equal"] == 1 and c["pairs_aligned_worse"] == 2 and c["pairs"] == 5
-    assert _counts(c) == ("aligned lower in 2/5 pairs, equal in 1, worse in 2: 64x4<-64x4 (1.35 -> 1.67), "
-                          "32x2<-64x4 (0.10 -> 0.30)")
+    assert _counts(c) == ("aligned lower in 2/5 pairs, equal in 1, worse in 2: 64x4<-64x4 (1.350 -> 1.670), "
+                          "32x2<-64x4 (0 -> 2.5e-05)")
 
 
 def _zm(widths, seed):

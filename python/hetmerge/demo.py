@@ -297,12 +297,13 @@ def showcase_rows(ds: dict) -> list[dict]:
 
 
 def _counts(ds: dict) -> str:
-    """'aligned lower in 34, equal in 12, worse in 3: 64x4<-64x4 (1.35 -> 1.67), ...'"""
+    """'aligned lower in 34/49 pairs, equal in 12, worse in 3: 64x4<-64x4 (1.350 -> 1.670), ...' (tiny
+    barriers in e-notation, so that a pair listed as worse never reads '0.00 -> 0.00')."""
     worse = ds["worse_pairs"]
     text = (f"aligned lower in {ds['pairs_aligned_lower']}/{ds['pairs']} pairs, equal in {ds['pairs_equal']}, "
             f"worse in {len(worse)}")
     if worse:
-        text += ": " + ", ".join(f"{w['pair']} ({w['unaligned']:.2f} -> {w['aligned']:.2f})" for w in worse)
+        text += ": " + ", ".join(f"{w['pair']} ({R.fmt(w['unaligned'])} -> {R.fmt(w['aligned'])})" for w in worse)
     return text
 
 
