@@ -170,6 +170,28 @@ def looks_sequential(state: Mapping[str, Any]) -> bool:
     return not all(_HETMERGE_MLP.fullmatch(k) for k in state)
 
 
+def _module_order(paths: list[str]) -> list[str]:
+    """Module paths in forward order: siblings named by index ("0", "2", "10") sorted as numbers, as
+    nn.Sequential runs them (safetensors writers may store tensors in any order); named siblings keep
+    the order they came in (a torch state dict's registration order)."""
+    tree: dict = {}
+    for p in paths:
+        node = tree
+        for part in p.split("."):
+            node = node.setdefault(part, {})
+        node[None] = p          # a module with tensors of its own
+
+    def walk(node):
+        names = [n for n in node if n is not None]
+        if names and all(n.isdigit() for n in names):
+            names.sort(key=int)
+        out = [node[None]] if None in node else []
+        for n in names:
+            out += walk(node[n])
+        return out
+    return walk(tree)
+
+
 def infer_sequential(state: Mapping[str, Any], where: str = "arch") -> tuple[nn.Module, tuple | None, list[str]]:
     """(module, one input's shape or None, layer descriptions) rebuilt from a state dict's shapes.
 
@@ -191,6 +213,7 @@ def infer_sequential(state: Mapping[str, Any], where: str = "arch") -> tuple[nn.
                             "model with module:factory")
         path, name = k.rsplit(".", 1)
         mods.setdefault(path, {})[name] = v
+    mods = {p: mods[p] for p in _module_order(list(mods))}
     layers: list[tuple[str, nn.Module, str]] = []      # (path, module, description)
     prev_main, prev_out, conv_dims, n_main = None, None, 0, 0
     for path, t in mods.items():
