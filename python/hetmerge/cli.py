@@ -425,6 +425,8 @@ def cmd_inspect(args, ui: UI) -> int:
     from .checkpoint import detect_format
 
     plan = _plan_from_args(args)
+    if args.json:
+        _check_output(Path(args.json), _plan_inputs(plan), "--json output")
     base, sa = _load_model(plan.base, "base", meta=True)
     target, sb = _load_model(plan.target, "target", meta=True)
     pairing, bspec, tspec, warns = _prepare(base, target, plan.layer_map)
@@ -788,9 +790,10 @@ def _model_args(p: argparse.ArgumentParser, positional_required: bool) -> None:
                    + ("" if positional_required else "; or target.weights in --plan"))
     g = p.add_argument_group("models")
     g.add_argument("--plan", metavar="FILE", help="plan file (YAML or JSON): models, layer map, λ, options")
-    g.add_argument("--arch", metavar="DESC", help="architecture of both models: mlp, cnn, module:factory, or "
-                   "an inline mapping '{\"type\": \"cnn\", \"spatial\": [8, 8]}' (default: mlp, sizes "
-                   "read from the weights)")
+    g.add_argument("--arch", metavar="DESC", help="architecture of both models: auto, sequential, mlp, cnn, "
+                   "module:factory, file.py:factory, or an inline mapping '{\"type\": \"cnn\", \"spatial\": [8, 8]}' "
+                   "(default: auto: hetmerge's mlp, else a Linear/Conv/BatchNorm chain rebuilt from the weights "
+                   "with ReLU assumed)")
     g.add_argument("--base-arch", metavar="DESC", help="architecture of the base only")
     g.add_argument("--target-arch", metavar="DESC", help="architecture of the target only")
     g.add_argument("--layer-map", metavar="MAP", help="base=target layer pairs, e.g. fc0=fc0,fc1=fc2 "
