@@ -312,3 +312,20 @@ def test_training_checkpoints_with_prefixes_load_and_write_plain_state_dicts(pai
     code, o, err = run(capsys, "merge", pair / "base.safetensors", dp, "--lam", 0.5, "-o", pair / "s.safetensors")
     assert code == EXIT_OK and "streamed" in o, err
     assert list(load_state(pair / "s.safetensors")) == list(load_state(pair / "base.safetensors"))
+
+
+def test_auto_prefix_rule_is_named_when_the_model_wants_the_prefix(tmp_path, capsys, monkeypatch):
+    # a factory whose own keys start with "model.": the automatic rule strips it, the error says how to keep it
+    (tmp_path / "wrapped_net.py").write_text(
+        "import torch.nn as nn\nclass W(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))\n"
+        "    def forward(self, x):\n        return self.model(x)\ndef make():\n    return W()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    import importlib
+    m = importlib.import_module("wrapped_net").make()
+    save_state(m.state_dict(), tmp_path / "w.safetensors")
+    args = ("inspect", tmp_path / "w.safetensors", tmp_path / "w.safetensors", "--arch", "wrapped_net:make")
+    code, _, err = run(capsys, *args)
+    assert code == 4 and "--key-prefix ''" in err and "'model.0.weight' -> '0.weight'" in err
+    assert run(capsys, *args, "--key-prefix", "")[0] == EXIT_OK

@@ -431,7 +431,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
 
 def current_umask() -> int:
-    """The process umask (read by setting and restoring it: POSIX offers no read-only call)."""
+    """The process umask: from /proc on Linux (read-only), else by setting and restoring it (POSIX has
+    no read-only call; the swap is process-wide, hence the /proc path first)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -146,7 +146,17 @@ def _load_model(ref, side: str, device: str = "cpu", meta: bool = False, check_f
         model, example = build(ref.arch, state, device="meta" if meta else "cpu")
         check_weights(model, state, side, f"weights {path.name}")
     except ArchError as exc:
-        raise IncompatibleError(str(exc)) from None
+        hint = ""
+        if ref.key_prefix is None:   # say so when the automatic prefix rule changed the keys
+            from .checkpoint import strip_prefix
+            stored = list(LazyState(path, "").infos) if detect_format(path) == "safetensors" else \
+                list(load_state(path, sub_key=ref.sub_key, key_prefix=""))
+            renamed = strip_prefix(stored, path)
+            if any(k != v for k, v in renamed.items()):
+                k0 = stored[0]
+                hint = (f" (the keys were read without a wrapper prefix: {k0!r} -> {renamed[k0]!r}; pass "
+                        "--key-prefix '' to keep them as stored)")
+        raise IncompatibleError(str(exc) + hint) from None
     if check_finite:
         _check_finite(ref, side, allow_nonfinite, ui or UI())
     if not meta:
