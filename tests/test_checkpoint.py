@@ -147,3 +147,88 @@ def test_stream_merge_matches_formula(tmp_path, chunk_bytes):
         want = ops.interpolate(a[k], b[tk], [lam], rows, cols, fill="base")[0]
         torch.testing.assert_close(out[k], want)
     assert torch.equal(out["steps"], a["steps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions from the CLI hardening issue
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_scan_counts_nonfinite_values_across_chunk_edges(monkeypatch, dtype):
+    from hetmerge import checkpoint
+    from hetmerge.checkpoint import scan_state
+
+    monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 64)     # many chunks, bad values on their edges
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 11, generator=g).to(dtype)
+    flat = w.view(-1)
+    for i, v in ((0, float("nan")), (15, float("inf")), (16, -float("inf")), (flat.numel() - 1, float("nan"))):
+        flat[i] = v
+    sd = {"a.weight": w, "b.bias": torch.randn(5, generator=g).to(dtype), "n": torch.tensor(3)}
+    scan = scan_state(sd)
+    assert scan.nonfinite == [("a.weight", int((~torch.isfinite(w)).sum()))] == [("a.weight", 4)]
+    assert scan.nbytes == sum(v.numel() * v.element_size() for v in sd.values())
+    # the digest covers every byte and does not depend on the chunk size or the dict's order
+    monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 8 << 20)
+    assert scan_state(dict(reversed(list(sd.items())))).digest == scan.digest
+    w2 = w.clone()
+    w2.view(-1)[200] = 0.5 if float(w2.view(-1)[200]) != 0.5 else 0.25
+    assert scan_state({**sd, "a.weight": w2}).digest != scan.digest
+
+
+def test_training_checkpoint_selection_and_prefixes(tmp_path):
+    from hetmerge.checkpoint import select_state, strip_prefix
+
+    sd = {"0.weight": torch.ones(2, 2), "0.bias": torch.zeros(2)}
+    p = tmp_path / "x.pt"
+    assert select_state(sd, p) is sd
+    assert select_state({"state_dict": sd, "epoch": 3, "hparams": {"lr": 0.1}}, p) is sd
+    assert select_state({"ckpt": {"ema": sd}}, p, "ckpt.ema") is sd
+    with pytest.raises(CheckpointError, match=r"several state dicts \['model', 'ema'\]"):
+        select_state({"model": sd, "ema": sd}, p)
+    with pytest.raises(CheckpointError, match=r"sub_key 'ckpt.model': no entry 'model' \(entries: \['ema'\]\)"):
+        select_state({"ckpt": {"ema": sd}}, p, "ckpt.model")
+    keys = ["module.model.fc.weight", "module.model.fc.bias"]
+    assert strip_prefix(keys, p) == {k: k[len("module.model."):] for k in keys}     # auto, repeatedly
+    assert strip_prefix(keys, p, "") == {k: k for k in keys}
+    assert strip_prefix(keys, p, "module.") == {k: k[len("module."):] for k in keys}
+    assert strip_prefix(["module.a", "b"], p) == {"module.a": "module.a", "b": "b"}   # not shared: kept
+    with pytest.raises(CheckpointError, match="key_prefix 'x.'"):
+        strip_prefix(keys, p, "x.")
+    save_state({f"module.{k}": v for k, v in sd.items()}, tmp_path / "dp.safetensors")
+    assert list(load_state(tmp_path / "dp.safetensors")) == ["0.weight", "0.bias"]
+    assert list(LazyState(tmp_path / "dp.safetensors", key_prefix="")) == ["module.0.weight", "module.0.bias"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_umask_modes(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "f.bin") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "f.bin").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_dir_replaces_whole_or_refuses(tmp_path):
+    from hetmerge.checkpoint import atomic_dir
+
+    out = tmp_path / "d"
+    with atomic_dir(out, {"a", "b"}) as t:
+        (t / "a").write_text("1")
+        (t / "b").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, {"a", "b"}) as t:
+            (t / "a").write_text("2")
+            raise RuntimeError("interrupted")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "1", "b": "1"}
+    with atomic_dir(out, {"a", "b"}) as t:
+        (t / "a").write_text("3")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "3"}
+    assert sorted(os.listdir(tmp_path)) == ["d"]                   # no temporary folders left behind
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="mine.txt"):
+        with atomic_dir(out, {"a", "b"}):
+            pass
+    assert (out / "mine.txt").read_text() == "keep"

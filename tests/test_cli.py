@@ -16,21 +16,6 @@ from hetmerge.cli import EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE, main
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _align_kernels_built() -> bool:
-    """cost_matrix and linear_assignment land on their own branches; until both are built, the
-    commands that align are skipped here (their CPU kernels raise 'not built yet')."""
-    from hetmerge import ops
-    try:
-        ops.linear_assignment(ops.cost_matrix([(torch.ones(2, 2), torch.ones(2, 2))]), maximize=True)
-        return True
-    except RuntimeError:
-        return False
-
-
-needs_align = pytest.mark.skipif(not _align_kernels_built(),
-                                 reason="cost_matrix/linear_assignment CPU kernels not built in this tree")
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -60,7 +45,6 @@ def _finite(x):
 # demo
 # ---------------------------------------------------------------------------------------------
 
-@needs_align
 def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HETMERGE_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "report"
@@ -131,7 +115,6 @@ def _module(path, widths):
     return m.eval()
 
 
-@needs_align
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_inspect_align_merge_sweep(ckpts, tmp_path, capsys, fmt):
     base, target = ckpts / f"base.{fmt}", ckpts / f"target.{fmt}"
@@ -171,7 +154,6 @@ def test_inspect_align_merge_sweep(ckpts, tmp_path, capsys, fmt):
     _check_png(tmp_path / "sw" / "sweep.png")
 
 
-@needs_align
 def test_streaming_merge_equals_in_memory_and_per_layer_lam(ckpts, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"""
@@ -225,7 +207,6 @@ def test_malicious_pickle_is_refused(ckpts, tmp_path, capsys):
     assert not marker.exists()
 
 
-@needs_align
 def test_errors_have_messages_and_exit_codes(ckpts, tmp_path, capsys):
     base, target = ckpts / "base.safetensors", ckpts / "target.pt"
     code, _, err = run(capsys, "inspect", base, tmp_path / "missing.pt")
@@ -267,7 +248,6 @@ def test_errors_have_messages_and_exit_codes(ckpts, tmp_path, capsys):
     assert e.value.code == EXIT_USAGE
 
 
-@needs_align
 def test_interrupted_merge_leaves_no_output(ckpts, tmp_path, capsys, monkeypatch):
     from hetmerge import ops
 

@@ -122,3 +122,75 @@ def test_architectures_infer_sizes_and_factories(tmp_path, monkeypatch):
         build(parse_arch({"factory": "user_models:make", "kwargs": {"depth": 2}}))
     with pytest.raises(ArchError, match="neither 'mlp', 'cnn' nor 'module:factory'"):
         parse_arch("resnet50")
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions from the CLI hardening issue
+# ---------------------------------------------------------------------------------------------
+
+def test_every_plan_path_is_relative_to_the_plan_folder(tmp_path, monkeypatch):
+    import torch
+
+    from hetmerge.cli import _load_model
+
+    proj = tmp_path / "proj"
+    (proj / "nets").mkdir(parents=True)
+    (proj / "nets" / "arch.py").write_text(
+        "import torch.nn as nn\ndef make(width=6):\n    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), "
+        "nn.Linear(width, 2))\n")
+    (proj / "planmods_x.py").write_text((proj / "nets" / "arch.py").read_text())   # a module beside the plan
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    from hetmerge.checkpoint import save_state
+    save_state(net.state_dict(), proj / "a.safetensors")
+    save_state(net.state_dict(), proj / "b.pt")
+    (proj / "al.json").write_text("{}")
+    import numpy as np
+    np.savez(proj / "d.npz", X=np.zeros((2, 4), np.float32), y=np.zeros(2, np.int64))
+    p = _plan(proj, """
+base: {arch: nets/arch.py:make, weights: a.safetensors}
+target: {arch: {factory: "planmods_x:make", kwargs: {width: 6}}, weights: b.pt}
+alignment: al.json
+data: d.npz
+target_data: d.npz
+""")
+    monkeypatch.chdir(tmp_path)          # somewhere else: nothing may resolve against the cwd
+    plan = load_plan(path=p)
+    assert plan.base.weights == proj / "a.safetensors" and plan.alignment == proj / "al.json"
+    assert plan.options.data == str(proj / "d.npz") == plan.options.target_data
+    for ref, side in ((plan.base, "base"), (plan.target, "target")):
+        model, _ = _load_model(ref, side)
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(model(x), net(x))
+    # flags stay relative to the current folder
+    plan = load_plan(path=p, overrides={"data": "here.npz"})
+    assert plan.options.data == "here.npz"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("lam: {fc0: 0.2, fc0: 0.3}", r"key 'fc0' is given twice"),
+    ("lam: 0.2\nlam: 0.3", r"key 'lam' is given twice"),
+    ("lam: 'fc0=0.2,fc0=0.3'", r"lam: layer 'fc0' is given twice \(fc0=0.2 and fc0=0.3\)"),
+    ("lambdas: [0, 0.5, 0.5, 1]", r"lambdas: λ value\(s\) \[0.5\] appear more than once"),
+    ("allow_nonfinite: maybe", r"allow_nonfinite: expected true or false"),
+    ("base: {weights: a.safetensors, sub_key: 3}", r"base.sub_key: expected a string"),
+])
+def test_duplicated_keys_and_values_name_the_duplicate(files, text, match):
+    base = "target: b.pt\n" if text.startswith("base:") else "base: a.safetensors\ntarget: b.pt\n"
+    with pytest.raises(PlanError, match=match):
+        load_plan(path=_plan(files, base + text))
+
+
+def test_json_plans_refuse_duplicate_keys(files):
+    p = _plan(files, '{"base": "a.safetensors", "target": "b.pt", "lam": 0.1, "lam": 0.9}', ".json")
+    with pytest.raises(PlanError, match="key 'lam' is given twice"):
+        load_plan(path=p)
+
+
+def test_plan_layout_keys_and_allow_nonfinite(files):
+    p = _plan(files, "base: {weights: a.safetensors, key_prefix: 'module.'}\n"
+                     "target: {weights: b.pt, sub_key: model_ema}\nallow_nonfinite: true\n")
+    plan = load_plan(path=p)
+    assert plan.base.key_prefix == "module." and plan.target.sub_key == "model_ema"
+    assert plan.options.allow_nonfinite is True
+    plan = load_plan(path=p, overrides={"sub_key": "ema", "key_prefix": ""})
+    assert plan.base.sub_key == plan.target.sub_key == "ema" and plan.base.key_prefix == ""

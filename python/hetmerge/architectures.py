@@ -2,10 +2,14 @@
 
 A description is one of
 
+    "auto" (the default)                           "sequential" for keys like 0.weight, 2.weight; else "mlp"
+    "sequential"                                   any chain of Linear / Conv / BatchNorm layers, rebuilt
+                                                   from the tensors (see infer_sequential: ReLU assumed)
     "mlp" / "cnn"                                  built-in, every size inferred from the weights
     {type: mlp, in_dim: 64, widths: [128, 64], out_dim: 10, bn: false}
     {type: cnn, in_ch: 1, channels: [16, 32], out_dim: 10, spatial: [8, 8], bn: true, hidden: null}
     "my_pkg.models:make_net"                       the user's factory, called with no arguments
+    "models/net.py:make_net"                       the same from a file (relative to the plan's folder)
     {factory: "my_pkg.models:make_net", kwargs: {width: 128}, input_shape: [1, 28, 28]}
 
 Built-in sizes left out are read from the checkpoint's shapes (fc0..fcN, head; conv0..convN), so
@@ -43,10 +47,13 @@ class Arch:
     kind: str
     params: dict = field(default_factory=dict)
     where: str = "arch"     # plan key, for messages
+    root: Path | None = None   # folder a factory's file or module is looked up in (the plan's); None = cwd
 
     def describe(self) -> str:
         if self.kind == "factory":
             return self.params["factory"]
+        if self.kind == "sequential" and "layers" in self.params:
+            return "sequential(" + ", ".join(self.params["layers"]) + "; activations assumed ReLU)"
         return f"{self.kind}(" + ", ".join(f"{k}={v}" for k, v in self.params.items() if k != "type") + ")"
 
 
@@ -62,12 +69,12 @@ def _check_keys(d: Mapping, allowed: set, where: str):
 def parse_arch(desc: Any, where: str = "arch") -> Arch:
     """Validate a description (see the module docstring); raises ArchError naming `where`."""
     if isinstance(desc, str):
-        if desc in ("mlp", "cnn"):
+        if desc in ("mlp", "cnn", "sequential", "auto"):
             return Arch(desc, {}, where)
-        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", desc):
+        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", desc) or re.fullmatch(r"[^:]+\.py:[A-Za-z_]\w*", desc):
             return Arch("factory", {"factory": desc}, where)
         raise ArchError(f"{where}: {desc!r} is neither 'mlp', 'cnn' nor 'module:factory' "
-                        "(e.g. 'my_pkg.models:make_net')")
+                        "(e.g. 'my_pkg.models:make_net' or 'models.py:make_net'), nor 'auto' or 'sequential'")
     if not isinstance(desc, Mapping):
         raise ArchError(f"{where}: expected a string or a mapping, got {type(desc).__name__}")
     if "factory" in desc:
@@ -150,15 +157,173 @@ def _infer_cnn(p: dict, state: Mapping[str, Any] | None, where: str) -> dict:
     return p
 
 
-def _import_factory(spec: str, where: str):
-    mod_name, fn_name = spec.split(":")
-    # the user's own code: let a plan run from the project folder find its modules
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ArchError(f"{where}: cannot import module {mod_name!r}: {exc}") from None
+# ---------------------------------------------------------------------------------------------
+# "sequential": a chain of Linear / Conv / BatchNorm layers rebuilt from the tensors alone
+# ---------------------------------------------------------------------------------------------
+
+_BN_KEYS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+_HETMERGE_MLP = re.compile(r"(fc\d+|bn\d+|head)\.(weight|bias|running_mean|running_var|num_batches_tracked)")
+
+
+def looks_sequential(state: Mapping[str, Any]) -> bool:
+    """"auto" picks "mlp" for hetmerge's own MLP checkpoints (fc0..fcN, head) and "sequential" otherwise."""
+    return not all(_HETMERGE_MLP.fullmatch(k) for k in state)
+
+
+def _module_order(paths: list[str]) -> list[str]:
+    """Module paths in forward order: siblings named by index ("0", "2", "10") sorted as numbers, as
+    nn.Sequential runs them (safetensors writers may store tensors in any order); named siblings keep
+    the order they came in (a torch state dict's registration order)."""
+    tree: dict = {}
+    for p in paths:
+        node = tree
+        for part in p.split("."):
+            node = node.setdefault(part, {})
+        node[None] = p          # a module with tensors of its own
+
+    def walk(node):
+        names = [n for n in node if n is not None]
+        if names and all(n.isdigit() for n in names):
+            names.sort(key=int)
+        out = [node[None]] if None in node else []
+        for n in names:
+            out += walk(node[n])
+        return out
+    return walk(tree)
+
+
+def infer_sequential(state: Mapping[str, Any], where: str = "arch") -> tuple[nn.Module, tuple | None, list[str]]:
+    """(module, one input's shape or None, layer descriptions) rebuilt from a state dict's shapes.
+
+    The tensors name the parameterized modules, in the order the model registered them ("0", "2",
+    "features.3", ...); what they do not show is assumed, and said in every description:
+    - 2-D weight: Linear; 3-D / 4-D weight: Conv1d / Conv2d with stride 1 and padding k // 2
+      ("same" size), no pooling; a module with running_mean/running_var: BatchNorm of the layer
+      before it;
+    - ReLU after every Linear/Conv (after its BatchNorm when it has one), except the last layer;
+      nn.Flatten before the first Linear that follows a Conv. Dropout changes nothing in eval mode.
+    The result is nested nn.Sequential containers with the modules at their original key paths,
+    so the checkpoint's keys load unchanged. Square (or 1-D) inputs are assumed when a Linear
+    follows the convolutions: its in_features = channels x spatial size gives the input size.
+    """
+    mods: "dict[str, dict[str, Any]]" = {}
+    for k, v in state.items():
+        if "." not in k:
+            raise ArchError(f"{where}: cannot infer a layer from key {k!r} (no module path); describe the "
+                            "model with module:factory")
+        path, name = k.rsplit(".", 1)
+        mods.setdefault(path, {})[name] = v
+    mods = {p: mods[p] for p in _module_order(list(mods))}
+    layers: list[tuple[str, nn.Module, str]] = []      # (path, module, description)
+    prev_main, prev_out, conv_dims, n_main = None, None, 0, 0
+    for path, t in mods.items():
+        shape = {n: tuple(x.shape) for n, x in t.items()}
+        if "running_mean" in t or "running_var" in t:
+            if set(t) - _BN_KEYS:
+                raise ArchError(f"{where}: module {path!r} has {sorted(t)}: not a BatchNorm; use module:factory")
+            n = shape.get("running_mean", shape.get("weight"))[0]
+            if prev_out is not None and n != prev_out:
+                raise ArchError(f"{where}: BatchNorm {path!r} has {n} features but the layer before it has "
+                                f"{prev_out} outputs; describe the model with module:factory")
+            bn = (nn.BatchNorm2d if conv_dims == 2 and prev_main == "conv" else nn.BatchNorm1d)(
+                n, affine="weight" in t)
+            layers.append((path, bn, f"{type(bn).__name__}({n})"))
+            continue
+        if set(t) - {"weight", "bias"} or "weight" not in t:
+            raise ArchError(f"{where}: module {path!r} holds {sorted(t)}: not a Linear, Conv or BatchNorm the "
+                            "'sequential' architecture can rebuild; describe the model with module:factory")
+        w = shape["weight"]
+        bias = "bias" in t
+        if len(w) == 2:
+            if prev_main == "conv":
+                if w[1] % prev_out:
+                    raise ArchError(f"{where}: Linear {path!r} takes {w[1]} features, not a multiple of the "
+                                    f"{prev_out} channels before it; describe the model with module:factory")
+                layers.append((path, nn.Flatten(), "Flatten"))
+            elif prev_out is not None and w[1] != prev_out:
+                raise ArchError(f"{where}: Linear {path!r} takes {w[1]} features but the layer before it gives "
+                                f"{prev_out}; describe the model with module:factory")
+            layers.append((path, nn.Linear(w[1], w[0], bias=bias), f"Linear({w[1]}→{w[0]})"))
+            prev_main = "linear"
+        elif len(w) in (3, 4):
+            dims = len(w) - 2
+            if prev_main == "linear" or (conv_dims and dims != conv_dims) or (prev_out is not None and w[1] != prev_out):
+                raise ArchError(f"{where}: Conv {path!r} {w} does not follow the layer before it (grouped "
+                                "convs and conv after linear are not inferred); describe the model with module:factory")
+            k = w[2:]
+            conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(w[1], w[0], k, padding=tuple(x // 2 for x in k), bias=bias)
+            layers.append((path, conv, f"Conv{dims}d({w[1]}→{w[0]}, {'x'.join(map(str, k))}, same padding)"))
+            prev_main, conv_dims = "conv", dims
+        else:
+            raise ArchError(f"{where}: module {path!r} has a {len(w)}-D weight {w}: not a Linear or Conv; describe "
+                            "the model with module:factory")
+        prev_out, n_main = w[0], n_main + 1
+    # ReLU after each main layer's block (layer, or layer + BatchNorm), except the last block
+    seq: list[tuple[str, nn.Module, str]] = []
+    seen_main = 0
+    for i, (path, m, desc) in enumerate(layers):
+        seq.append((path, m, desc))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            seen_main += 1
+        nxt = layers[i + 1][1] if i + 1 < len(layers) else None
+        end_of_block = not isinstance(m, nn.Flatten) and not isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d))
+        if end_of_block and seen_main < n_main and not isinstance(m, nn.Flatten):
+            seq.append((path, nn.ReLU(), "ReLU"))
+    root = nn.Sequential()
+    for path, m, _ in seq:
+        *parents, leaf = path.split(".")
+        cur = root
+        for part in parents:
+            if part not in cur._modules:
+                cur.add_module(part, nn.Sequential())
+            cur = cur._modules[part]
+        name = leaf if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)) else \
+            f"{leaf}_{type(m).__name__.lower()}"   # parameter-free: a name no key uses
+        if name in cur._modules:
+            raise ArchError(f"{where}: module name {name!r} is taken; describe the model with module:factory")
+        cur.add_module(name, m)
+    first = layers[0][1] if layers else None
+    ex_shape = None
+    if isinstance(first, nn.Linear):
+        ex_shape = (first.in_features,)
+    elif isinstance(first, (nn.Conv1d, nn.Conv2d)):
+        lin = next((m for _, m, _ in layers if isinstance(m, nn.Linear)), None)
+        c_last = next(m.out_channels for _, m, _ in reversed(layers) if isinstance(m, (nn.Conv1d, nn.Conv2d)))
+        if lin is not None:
+            size = lin.in_features // c_last
+            side = round(size ** 0.5)
+            if isinstance(first, nn.Conv1d):
+                ex_shape = (first.in_channels, size)
+            elif side * side == size:
+                ex_shape = (first.in_channels, side, side)
+    return root, ex_shape, [d for _, _, d in seq]
+
+
+def _import_factory(spec: str, where: str, root: Path | None = None):
+    mod_name, fn_name = spec.rsplit(":", 1)
+    root = root or Path.cwd()
+    if mod_name.endswith(".py"):     # a file: relative to the plan's folder
+        from importlib.util import module_from_spec, spec_from_file_location
+
+        f = Path(mod_name).expanduser()
+        f = f if f.is_absolute() else root / f
+        if not f.is_file():
+            raise ArchError(f"{where}: factory file {f}: no such file")
+        mspec = spec_from_file_location(f"_hetmerge_factory_{abs(hash(str(f.resolve())))}", f)
+        mod = module_from_spec(mspec)
+        try:
+            mspec.loader.exec_module(mod)
+        except Exception as exc:
+            raise ArchError(f"{where}: cannot import {f}: {type(exc).__name__}: {exc}") from None
+    else:
+        # the user's own code: a module beside the plan file (or in the current folder) is found
+        for folder in (str(Path.cwd()), str(root)):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ArchError(f"{where}: cannot import module {mod_name!r}: {exc}") from None
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
         raise ArchError(f"{where}: module {mod_name!r} has no callable {fn_name!r}")
@@ -172,9 +337,15 @@ def build(arch: Arch, state: Mapping[str, Any] | None = None, device: str | torc
     from . import models
 
     where = arch.where
+    if arch.kind == "auto":   # resolved once, from the key names: the Arch then describes what was built
+        arch.kind = "sequential" if state is not None and looks_sequential(state) else "mlp"
     p = dict(arch.params)
     with torch.device(device):
-        if arch.kind == "mlp":
+        if arch.kind == "sequential":
+            if state is None:
+                raise ArchError(f"{where}: 'sequential' reads every size from the weights; give a weights file")
+            m, ex_shape, p["layers"] = infer_sequential(state, where)
+        elif arch.kind == "mlp":
             p = _infer_mlp(p, state, where)
             m = models.mlp(p["in_dim"], p["widths"], p["out_dim"], bn=bool(p.get("bn")),
                            dropout=float(p.get("dropout") or 0.0))
@@ -185,7 +356,7 @@ def build(arch: Arch, state: Mapping[str, Any] | None = None, device: str | torc
                            bn=bool(p.get("bn", True)), hidden=p.get("hidden"))
             ex_shape = (p["in_ch"], *p["spatial"])
         else:
-            fn = _import_factory(p["factory"], where)
+            fn = _import_factory(p["factory"], where, arch.root)
             try:
                 m = fn(**p.get("kwargs", {}))
             except TypeError as exc:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "detect_format", "load_state", "save_state",
-           "atomic_write", "LazyState", "StreamWriter", "TensorInfo"]
+           "atomic_write", "atomic_dir", "check_replaceable_dir", "LazyState", "StreamWriter", "TensorInfo", "scan_state", "scan_weights",
+           "select_state", "strip_prefix"]
 
 
 class CheckpointError(ValueError):
@@ -79,26 +80,80 @@ def detect_format(path: str | os.PathLike) -> str:
 # reading
 # ---------------------------------------------------------------------------------------------
 
-def _flatten_state(obj, path: Path) -> "OrderedDict[str, torch.Tensor]":
-    """A {key: tensor} dict from what torch.load returned; accepts {"state_dict": {...}} wrappers."""
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+# prefixes that wrappers add in front of every key: DataParallel/DDP ("module."), torch.compile
+# ("_orig_mod."), training frameworks that keep the net as `self.model` ("model.")
+AUTO_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _is_tensor_dict(v) -> bool:
+    return isinstance(v, Mapping) and bool(v) and all(isinstance(k, str) and torch.is_tensor(x) for k, x in v.items())
+
+
+def select_state(obj, path: Path, sub_key: str | None = None) -> Mapping:
+    """The state dict inside what torch.load returned.
+
+    sub_key names the entry (dotted for nesting: "checkpoint.model"). Without it: `obj` itself when
+    it holds only tensors; else the single top-level entry that is a {name: tensor} mapping
+    ({"model": sd, "optimizer": ..., "epoch": 3}); several such entries ({"model": ..., "model_ema":
+    ...}) are ambiguous and refused with the candidates listed.
+    """
+    if sub_key:
+        cur = obj
+        for part in sub_key.split("."):
+            if not isinstance(cur, Mapping) or part not in cur:
+                have = sorted(map(str, cur)) if isinstance(cur, Mapping) else type(cur).__name__
+                raise CheckpointError(f"{path}: sub_key {sub_key!r}: no entry {part!r} (entries: {have})")
+            cur = cur[part]
+        if not isinstance(cur, Mapping):
+            raise CheckpointError(f"{path}: sub_key {sub_key!r} holds a {type(cur).__name__}, expected a "
+                                  "state dict {name: tensor}")
+        return cur
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state dict "
                               "({name: tensor}); save model.state_dict(), not the model")
-    out = OrderedDict()
+    if all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    cands = [k for k, v in obj.items() if _is_tensor_dict(v)]
+    if len(cands) == 1:
+        return obj[cands[0]]
+    if cands:
+        raise CheckpointError(f"{path}: holds several state dicts {cands}; choose one with --sub-key "
+                              "(plan key sub_key)")
+    return obj   # no candidate: report the first non-tensor entry below
+
+
+def strip_prefix(keys: list[str], path: Path, key_prefix: str | None = None) -> dict[str, str]:
+    """{stored key: model key}. key_prefix=None: strip AUTO_PREFIXES while every key starts with one;
+    "" keeps keys as stored; any other value must start every key."""
+    if key_prefix is None:
+        out = {k: k for k in keys}
+        while out and (p := next((p for p in AUTO_PREFIXES if all(v.startswith(p) for v in out.values())), None)):
+            out = {k: v[len(p):] for k, v in out.items()}
+        return out
+    bad = [k for k in keys if not k.startswith(key_prefix)]
+    if bad:
+        raise CheckpointError(f"{path}: key_prefix {key_prefix!r}: {len(bad)} key(s) do not start with it, "
+                              f"e.g. {bad[0]!r}")
+    return {k: k[len(key_prefix):] for k in keys}
+
+
+def _flatten_state(obj, path: Path, sub_key: str | None = None, key_prefix: str | None = None
+                   ) -> "OrderedDict[str, torch.Tensor]":
+    """A {key: tensor} dict from what torch.load returned (see select_state, strip_prefix)."""
+    obj = select_state(obj, path, sub_key)
     for k, v in obj.items():
         if not isinstance(k, str):
             raise CheckpointError(f"{path}: key {k!r} is not a string")
         if not torch.is_tensor(v):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
-        out[k] = v
-    if not out:
+    if not obj:
         raise CheckpointError(f"{path}: the state dict is empty")
-    return out
+    names = strip_prefix(list(obj), path, key_prefix)
+    return OrderedDict((names[k], v) for k, v in obj.items())
 
 
-def _torch_load(path: Path, mmap_: bool) -> "OrderedDict[str, torch.Tensor]":
+def _torch_load(path: Path, mmap_: bool, sub_key: str | None = None, key_prefix: str | None = None
+                ) -> "OrderedDict[str, torch.Tensor]":
     import pickle
 
     try:
@@ -118,24 +173,27 @@ def _torch_load(path: Path, mmap_: bool) -> "OrderedDict[str, torch.Tensor]":
             f"environment where you trust it") from None
     except RuntimeError as exc:
         if mmap_ and "mmap" in str(exc).lower():     # legacy (non-zip) files cannot be mapped
-            return _torch_load(path, False)
+            return _torch_load(path, False, sub_key, key_prefix)
         raise CheckpointError(f"{path}: cannot read the PyTorch file: {exc}") from None
     except (EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the PyTorch file (truncated or corrupt?): {exc}") from None
-    return _flatten_state(obj, path)
+    return _flatten_state(obj, path, sub_key, key_prefix)
 
 
-def load_state(path: str | os.PathLike, mmap: bool = True) -> "OrderedDict[str, torch.Tensor]":
+def load_state(path: str | os.PathLike, mmap: bool = True, sub_key: str | None = None,
+               key_prefix: str | None = None) -> "OrderedDict[str, torch.Tensor]":
     """{key: tensor} from a safetensors or PyTorch file (format from the file's bytes).
 
     mmap=True maps the file instead of reading it (safetensors: always; PyTorch: zip files), so a
-    large checkpoint costs memory only for the tensors actually touched.
+    large checkpoint costs memory only for the tensors actually touched. sub_key / key_prefix select
+    the state dict inside a training checkpoint and strip a wrapper's key prefix (select_state,
+    strip_prefix); keys come back as the model names them.
     """
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "torch":
-        return _torch_load(p, mmap)
-    lazy = LazyState(p)
+        return _torch_load(p, mmap, sub_key, key_prefix)
+    lazy = LazyState(p, key_prefix=key_prefix, sub_key=sub_key)
     return OrderedDict((k, lazy.get(k) if mmap else lazy.get(k).clone()) for k in lazy.keys())
 
 
@@ -159,8 +217,11 @@ class LazyState(Mapping):
     the file itself is never modified); the mapping goes away with the last reference to the tensor.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, key_prefix: str | None = None, sub_key: str | None = None):
         self.path = Path(path)
+        if sub_key:
+            raise CheckpointError(f"{self.path}: sub_key {sub_key!r}: a safetensors file holds one flat state "
+                                  "dict; sub_key applies to PyTorch training checkpoints only")
         if detect_format(self.path) != "safetensors":
             raise CheckpointError(f"{self.path}: streaming needs a safetensors file; convert it first "
                                   "(hetmerge convert IN OUT.safetensors)")
@@ -186,8 +247,9 @@ class LazyState(Mapping):
                 raise CheckpointError(f"{self.path}: tensor {k!r}: byte range {b}..{e} does not match "
                                       f"shape {shape} {v['dtype']} or the file is truncated ({size} bytes)")
             self.infos[k] = TensorInfo((dt, shape, b, e))
-        # stored order = data order, which is also the cheapest order to stream
-        self.infos = OrderedDict(sorted(self.infos.items(), key=lambda kv: kv[1].begin))
+        # stored order = data order, which is also the cheapest order to stream; keys as the model names them
+        names = strip_prefix(list(self.infos), self.path, key_prefix) if self.infos else {}
+        self.infos = OrderedDict((names[k], i) for k, i in sorted(self.infos.items(), key=lambda kv: kv[1].begin))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.get(key)
@@ -279,6 +341,66 @@ class LazyState(Mapping):
 
 
 # ---------------------------------------------------------------------------------------------
+# one pass over the weights: fingerprint and finiteness
+# ---------------------------------------------------------------------------------------------
+
+FINGERPRINT_KIND = "blake2b-256 over every tensor's name, dtype, shape and bytes"
+_SCAN_CHUNK = 8 << 20     # bytes hashed and checked per step: cache-friendly, bounded temporaries
+
+
+class WeightScan(tuple):
+    """(digest, nonfinite, nbytes, seconds): the fingerprint of a state dict, the tensors holding NaN or
+    ±inf as [(key, count)], the bytes read and the time it took."""
+    __slots__ = ()
+    digest = property(lambda s: s[0])
+    nonfinite = property(lambda s: s[1])
+    nbytes = property(lambda s: s[2])
+    seconds = property(lambda s: s[3])
+
+
+def scan_state(state: Mapping[str, torch.Tensor]) -> WeightScan:
+    """Hash every byte of every tensor (sorted by key, so the digest does not depend on the file's
+    format or order) and count non-finite values, streaming in 8 MiB chunks: a memory-mapped
+    checkpoint is read once, and only a chunk of it is resident at a time."""
+    import hashlib
+    import time
+
+    t0 = time.perf_counter()
+    h = hashlib.blake2b(digest_size=32)
+    bad, total = [], 0
+    for k in sorted(state):
+        t = state[k]
+        h.update(f"{k}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|".encode())
+        flat = t.detach().reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        step = max(1, _SCAN_CHUNK // max(1, flat.element_size()))
+        arr = (flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy()
+        n_bad = 0
+        for i in range(0, arr.size, step):
+            c = arr[i:i + step]
+            h.update(memoryview(c).cast("B"))
+            # numpy, not torch: torch.isfinite on 8 MiB chunks ran 20x slower (thread start-up per call)
+            if flat.dtype == torch.bfloat16:     # exponent bits all ones = inf or NaN
+                n_bad += int(np.count_nonzero((c & 0x7F80) == 0x7F80))
+            elif flat.is_floating_point() and not np.isfinite(c).all():
+                n_bad += int(c.size - np.count_nonzero(np.isfinite(c)))
+        total += flat.numel() * flat.element_size()
+        if n_bad:
+            bad.append((k, n_bad))
+        del flat, t
+    return WeightScan((h.hexdigest(), bad, total, time.perf_counter() - t0))
+
+
+def scan_weights(path: str | os.PathLike, sub_key: str | None = None, key_prefix: str | None = None) -> WeightScan:
+    """scan_state of a checkpoint file, tensor by tensor from its memory map."""
+    p = Path(path)
+    state = LazyState(p, key_prefix, sub_key) if detect_format(p) == "safetensors" else \
+        load_state(p, sub_key=sub_key, key_prefix=key_prefix)
+    return scan_state(state)
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
 
@@ -295,6 +417,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise CheckpointError(f"{p}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates 0600; a plain open() would give 0666 & ~umask, which is what users expect
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -303,6 +427,62 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+
+
+def current_umask() -> int:
+    """The process umask: from /proc on Linux (read-only), else by setting and restoring it (POSIX has
+    no read-only call; the swap is process-wide, hence the /proc path first)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_replaceable_dir(path: str | os.PathLike, owned_names=frozenset()) -> Path:
+    """Raise CheckpointError unless atomic_dir(path, owned_names) may replace `path`; returns its parent."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"{p}: folder {folder} does not exist")
+    if p.exists() or p.is_symlink():
+        if not p.is_dir() or p.is_symlink():
+            raise CheckpointError(f"{p}: exists and is not a folder; choose another output folder")
+        foreign = sorted(c.name for c in p.iterdir() if c.name not in owned_names or not c.is_file())
+        if foreign:
+            raise CheckpointError(f"{p}: exists and holds files this command did not write "
+                                  f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); the whole "
+                                  "folder is replaced on success, so choose an empty or new folder")
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, owned_names: set[str] | frozenset = frozenset()):
+    """Yield a temporary folder beside `path`; on success it replaces `path` as a whole.
+
+    An interrupted run leaves either the previous folder or the complete new one, never a mix. An
+    existing `path` is replaced only at the very end, and only when it holds nothing but files named
+    in `owned_names` (a previous run's outputs): a folder with anything else is refused, not deleted.
+    """
+    import shutil
+
+    p = Path(path)
+    folder = check_replaceable_dir(p, owned_names)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp makes 0700
+        yield tmp
+        if p.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".old", dir=folder))
+            os.replace(p, old / "d")      # two renames: POSIX cannot swap a non-empty folder in one
+            os.replace(tmp, p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

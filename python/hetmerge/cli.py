@@ -22,6 +22,7 @@ from typing import Any
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FILE, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
 ALIGNMENT_FORMAT = "hetmerge-alignment"
+SWEEP_FILES = frozenset({"sweep.json", "sweep.png", "alignment_trace.png", "report.md"})   # what sweep -o writes
 
 
 class IncompatibleError(ValueError):
@@ -87,46 +88,124 @@ def _torch_setup(args) -> None:
 # models from plans
 # ---------------------------------------------------------------------------------------------
 
-def _fingerprint(path: Path) -> dict:
-    """Identity of a checkpoint's weights, independent of its format: SHA-256 over every tensor's
-    name, dtype, shape and first 256 values (cheap on multi-GB files; catches a swapped file)."""
-    import torch
-
-    from .checkpoint import LazyState, detect_format, load_state
-
-    lazy = LazyState(path) if detect_format(path) == "safetensors" else None
-    state = lazy if lazy is not None else load_state(path)
-    h = hashlib.sha256()
-    for k in sorted(state.keys()):
-        t = lazy.get_rows(k, 0, 1) if lazy is not None and lazy.shape(k) else state[k]
-        flat = t.reshape(-1)[:256].contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(state[k].shape) if lazy is None else lazy.shape(k)}|".encode())
-        h.update((flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy().tobytes())
-    return {"file": str(path), "bytes": path.stat().st_size, "weights_sha256": h.hexdigest()}
+_SCANS: dict = {}   # one pass per weights file per run: (file identity, selection) -> WeightScan
 
 
-def _load_model(ref, side: str, device: str = "cpu", meta: bool = False):
-    """(module, state) for one plan side; meta=True builds the module without weights memory."""
-    import torch
+def _scan(ref):
+    """checkpoint.scan_weights of a plan side, cached by the file's identity and size/mtime, so the
+    finiteness check at load time and the fingerprints of the outputs share one read of the file."""
+    from .checkpoint import scan_weights
 
+    st = os.stat(ref.weights)
+    key = (os.path.realpath(ref.weights), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ref.sub_key,
+           ref.key_prefix)
+    if key not in _SCANS:
+        _SCANS[key] = scan_weights(ref.weights, ref.sub_key, ref.key_prefix)
+    return _SCANS[key]
+
+
+def _fingerprint(ref) -> dict:
+    """Identity of a checkpoint's weights, independent of its format: blake2b over every tensor's
+    name, dtype, shape and bytes (checkpoint.scan_state)."""
+    from .checkpoint import FINGERPRINT_KIND
+
+    scan = _scan(ref)
+    return {"file": str(ref.weights), "bytes": ref.weights.stat().st_size, "fingerprint": FINGERPRINT_KIND,
+            "weights_blake2b": scan.digest}
+
+
+def _check_finite(ref, side: str, allow: bool, ui: UI) -> None:
+    """Refuse weights holding NaN/inf (they make the assignment fail or the merge NaN), naming the tensors."""
+    from .checkpoint import CheckpointError
+
+    bad = _scan(ref).nonfinite
+    if not bad:
+        return
+    listed = ", ".join(f"{k!r} ({n} values)" for k, n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    if allow:
+        ui.warn(f"{side}.weights {ref.weights}: non-finite values (NaN/inf) in {listed}; kept (--allow-nonfinite)")
+        return
+    raise CheckpointError(f"{side}.weights {ref.weights}: non-finite values (NaN/inf) in {listed}; they would "
+                          "break the alignment and poison the merge. Fix the checkpoint, or pass "
+                          "--allow-nonfinite (plan key allow_nonfinite) to use it anyway")
+
+
+def _load_model(ref, side: str, device: str = "cpu", meta: bool = False, check_finite: bool = False,
+                allow_nonfinite: bool = False, ui: UI | None = None):
+    """(module, state) for one plan side; meta=True builds the module without weights memory.
+    check_finite: scan the weights once (streamed) and refuse NaN/inf unless allow_nonfinite."""
     from .architectures import ArchError, build, check_weights
     from .checkpoint import LazyState, detect_format, load_state
 
     path = ref.weights
     if meta and detect_format(path) == "safetensors":
-        state = LazyState(path).meta()
+        state = LazyState(path, ref.key_prefix, ref.sub_key).meta()
     else:
-        state = load_state(path)
+        state = load_state(path, sub_key=ref.sub_key, key_prefix=ref.key_prefix)
     try:
         model, example = build(ref.arch, state, device="meta" if meta else "cpu")
         check_weights(model, state, side, f"weights {path.name}")
     except ArchError as exc:
-        raise IncompatibleError(str(exc)) from None
+        hint = ""
+        if ref.key_prefix is None:   # say so when the automatic prefix rule changed the keys
+            from .checkpoint import strip_prefix
+            stored = list(LazyState(path, "").infos) if detect_format(path) == "safetensors" else \
+                list(load_state(path, sub_key=ref.sub_key, key_prefix=""))
+            renamed = strip_prefix(stored, path)
+            if any(k != v for k, v in renamed.items()):
+                k0 = stored[0]
+                hint = (f" (the keys were read without a wrapper prefix: {k0!r} -> {renamed[k0]!r}; pass "
+                        "--key-prefix '' to keep them as stored)")
+        raise IncompatibleError(str(exc) + hint) from None
+    if check_finite:
+        _check_finite(ref, side, allow_nonfinite, ui or UI())
     if not meta:
         missing = {k: v for k, v in model.state_dict().items() if k not in state}   # integer bookkeeping
         model.load_state_dict({**missing, **state})
         model = model.to(device).eval()
     return model, state
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """a and b are one file: the same path after symlinks, or the same inode (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _check_output(out: Path, inputs, what: str = "output", folder: bool = False) -> None:
+    """Refuse an output that is one of the inputs (by path, symlink or hard link) — writing it would
+    destroy that input — or, for an output folder replaced as a whole, one that holds an input.
+    inputs: [(role, path)] with None entries skipped. Raises CheckpointError (exit 3)."""
+    from .checkpoint import CheckpointError
+
+    for role, p in inputs:
+        if p is None:
+            continue
+        p = Path(p)
+        if _same_file(out, p):
+            raise CheckpointError(f"{what} {out} is the {role} {p}: writing it would overwrite an input; "
+                                  "choose another output path")
+        if folder:
+            real_out, real_in = os.path.realpath(out), os.path.realpath(p)
+            if real_in.startswith(real_out.rstrip(os.sep) + os.sep):
+                raise CheckpointError(f"{what} {out} holds the {role} {p}; the folder is replaced as a whole, "
+                                      "so choose an output folder that holds no input")
+
+
+def _plan_inputs(plan) -> list:
+    """[(role, path)] of every file a plan reads."""
+    ins = [("base weights", plan.base.weights), ("target weights", plan.target.weights),
+           ("alignment", plan.alignment), ("plan", plan.path)]
+    for k in ("data", "target_data"):
+        v = getattr(plan.options, k)
+        if isinstance(v, str) and v.endswith(".npz"):
+            ins.append((k, Path(v)))
+    return ins
 
 
 def _prepare(base, target, layer_map):
@@ -168,7 +247,7 @@ def _plan_from_args(args, need_weights: bool = True):
     from .plan import load_plan, options_from_args
 
     ov = options_from_args(args)
-    for k in ("base_arch", "target_arch", "arch", "layer_map", "alignment"):
+    for k in ("base_arch", "target_arch", "arch", "layer_map", "alignment", "sub_key", "key_prefix"):
         v = getattr(args, k, None)
         if v is not None:
             ov[k] = v
@@ -240,8 +319,8 @@ def _alignment_doc(plan, res, pairing, wall_s: float) -> dict:
     return {
         "format": ALIGNMENT_FORMAT, "version": 1, "created_by": "hetmerge align",
         "versions": R.versions(),
-        "base": {**_fingerprint(plan.base.weights), "arch": plan.base.arch.describe()},
-        "target": {**_fingerprint(plan.target.weights), "arch": plan.target.arch.describe()},
+        "base": {**_fingerprint(plan.base), "arch": plan.base.arch.describe()},
+        "target": {**_fingerprint(plan.target), "arch": plan.target.arch.describe()},
         "layer_map": pairing.layer_map, "cases": pairing.cases,
         "links": {n: {"base_group": l.base_group, "target_group": l.target_group, "n_base": l.n_a,
                       "n_target": l.n_b, "solved": l.free} for n, l in pairing.links.items()},
@@ -266,8 +345,18 @@ def _read_alignment(path: Path, pairing, plan, ui: UI) -> dict:
         raise IncompatibleError(f"alignment {path}: not a hetmerge alignment file (written by hetmerge align)")
     for side in ("base", "target"):
         want = doc.get(side, {})
-        have = _fingerprint(getattr(plan, side).weights)
-        if want.get("weights_sha256") not in (None, have["weights_sha256"]):
+        if not isinstance(want, dict):
+            continue
+        if "weights_blake2b" not in want:
+            # older files hashed the first 256 values of each tensor only: nothing here can recompute
+            # that safely enough to vouch for the weights, so say so instead of a false "unchanged"
+            if "weights_sha256" in want:
+                ui.warn(f"alignment {path}: written by an older hetmerge whose {side} fingerprint covered only "
+                        f"the first 256 values of each tensor; cannot check that {side} weights are unchanged "
+                        f"since ({want.get('file')}). Rerun hetmerge align to record a full fingerprint")
+            continue
+        have = _fingerprint(getattr(plan, side))
+        if want["weights_blake2b"] != have["weights_blake2b"]:
             ui.warn(f"alignment {path}: {side} weights differ from the file it was computed for "
                     f"({want.get('file')}); the maps may not fit these weights")
     maps = doc.get("maps")
@@ -346,6 +435,8 @@ def cmd_inspect(args, ui: UI) -> int:
     from .checkpoint import detect_format
 
     plan = _plan_from_args(args)
+    if args.json:
+        _check_output(Path(args.json), _plan_inputs(plan), "--json output")
     base, sa = _load_model(plan.base, "base", meta=True)
     target, sb = _load_model(plan.target, "target", meta=True)
     pairing, bspec, tspec, warns = _prepare(base, target, plan.layer_map)
@@ -363,6 +454,12 @@ def cmd_inspect(args, ui: UI) -> int:
                                 "dtypes": dtypes, "layers": [l.name for l in spec.layers], "groups": groups}
         ui.out(f"{side}: {ref.weights} ({info['models'][side]['format']}, {', '.join(dtypes)})")
         ui.out(f"  architecture {ref.arch.describe()}: {n_params:,} parameters, {_human(nbytes)}")
+        if ref.arch.kind == "sequential":
+            note = (f"{side}: architecture rebuilt from the tensors alone; activations are assumed to be ReLU, "
+                    "convolutions stride 1 with same padding and no pooling (give --base-arch/--target-arch "
+                    "module:factory if that is not your model)")
+            info["warnings"].append(note)
+            ui.out(f"  note: {note.split(': ', 1)[1]}")
         ui.out(f"  layers: {', '.join(l.name for l in spec.layers)}")
         ui.out("  permutation groups (hidden-unit axes that move together):")
         ui.out("    " + R.table([{"group": g["group"], "units": g["size"] if g["size"] is not None else "-",
@@ -447,9 +544,12 @@ def cmd_align(args, ui: UI) -> int:
     from .report import write_json
 
     plan = _plan_from_args(args)
+    out = Path(args.output)
+    _check_output(out, _plan_inputs(plan), "alignment output")
     dev = _device(plan.options)
-    base, _ = _load_model(plan.base, "base", dev)
-    target, _ = _load_model(plan.target, "target", dev)
+    fin = {"check_finite": True, "allow_nonfinite": plan.options.allow_nonfinite, "ui": ui}
+    base, _ = _load_model(plan.base, "base", dev, **fin)
+    target, _ = _load_model(plan.target, "target", dev, **fin)
     pairing, _, _, warns = _prepare(base, target, plan.layer_map)
     for w in warns:
         ui.warn(w)
@@ -458,7 +558,6 @@ def cmd_align(args, ui: UI) -> int:
         data = _eval_data(plan.options.data, base, dev)
     res, wall = _align(plan, base, target, ui, data)
     doc = _alignment_doc(plan, res, res.pairing or pairing, wall)
-    out = Path(args.output)
     write_json(doc, out)
     tr = res.trace
     ui.out(f"aligned {plan.target.weights.name} to {plan.base.weights.name}: {len(res.maps)} index maps, "
@@ -483,17 +582,19 @@ def cmd_merge(args, ui: UI) -> int:
     plan = _plan_from_args(args)
     o = plan.options
     out = Path(args.output)
+    _check_output(out, _plan_inputs(plan), "output")
     fmt = args.format or ("torch" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
+    fin = {"check_finite": True, "allow_nonfinite": o.allow_nonfinite, "ui": ui}
     streamable = (fmt == "safetensors" and not args.no_stream and
                   detect_format(plan.base.weights) == detect_format(plan.target.weights) == "safetensors")
     if plan.alignment is not None and streamable:
         # never holds a model in memory: modules on the meta device give the pairing, the maps come
         # from the alignment file, the tensors stream from the memory-mapped files
-        base, _ = _load_model(plan.base, "base", meta=True)
-        target, _ = _load_model(plan.target, "target", meta=True)
+        base, _ = _load_model(plan.base, "base", meta=True, **fin)
+        target, _ = _load_model(plan.target, "target", meta=True, **fin)
     else:
-        base, _ = _load_model(plan.base, "base")
-        target, _ = _load_model(plan.target, "target")
+        base, _ = _load_model(plan.base, "base", **fin)
+        target, _ = _load_model(plan.target, "target", **fin)
     pairing, _, _, warns = _prepare(base, target, plan.layer_map)
     for w in warns:
         ui.warn(w)
@@ -514,7 +615,8 @@ def cmd_merge(args, ui: UI) -> int:
             rows, cols = transform(pp, maps)
             items[pp.base_key] = (pp.target_key, rows.cpu(), None if cols is None else cols.cpu(),
                                   _layer_lam(o.lam, pp.layer))
-        lb, lt = LazyState(plan.base.weights), LazyState(plan.target.weights)
+        lb = LazyState(plan.base.weights, plan.base.key_prefix, plan.base.sub_key)
+        lt = LazyState(plan.target.weights, plan.target.key_prefix, plan.target.sub_key)
         bar = ui.bar(total=lb.nbytes, desc="merge", unit="B", unit_scale=True)
         stats = stream_merge(lb, lt, out, items, fill=o.fill, metadata=meta,
                              progress=lambda k, n: bar.update(n))
@@ -551,6 +653,7 @@ def cmd_sweep(args, ui: UI) -> int:
 
     from . import report as R
     from .align import AlignResult
+    from .checkpoint import atomic_dir, check_replaceable_dir
 
     plan = _plan_from_args(args)
     o = plan.options
@@ -558,8 +661,13 @@ def cmd_sweep(args, ui: UI) -> int:
     if o.data is None:
         raise IncompatibleError("data: a sweep needs evaluation data: --data digits|mnist1d|FILE.npz "
                                 "(or plan key 'data')")
-    base, _ = _load_model(plan.base, "base", dev)
-    target, _ = _load_model(plan.target, "target", dev)
+    outdir = Path(args.output)
+    _check_output(outdir, _plan_inputs(plan), "output folder", folder=True)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable_dir(outdir, SWEEP_FILES)     # refuse before the heavy work, not after
+    fin = {"check_finite": True, "allow_nonfinite": o.allow_nonfinite, "ui": ui}
+    base, _ = _load_model(plan.base, "base", dev, **fin)
+    target, _ = _load_model(plan.target, "target", dev, **fin)
     pairing, _, _, warns = _prepare(base, target, plan.layer_map)
     for w in warns:
         ui.warn(w)
@@ -569,8 +677,6 @@ def cmd_sweep(args, ui: UI) -> int:
     res = res or AlignResult(maps=maps, objective=float("nan"), trace=[], cases=dict(pairing.cases), timings={},
                              pairing=pairing)
     lam = _lambdas(o)
-    outdir = Path(args.output)
-    outdir.mkdir(parents=True, exist_ok=True)
     curves = {}
     bar = ui.bar(total=2, desc="sweep", unit="curve")
     with warnings.catch_warnings():
@@ -584,7 +690,7 @@ def cmd_sweep(args, ui: UI) -> int:
     bar.close()
     lams = curves["aligned"].lambdas.tolist()
     doc = {"created_by": "hetmerge sweep", "versions": R.versions(), "plan": plan.to_dict(),
-           "base": _fingerprint(plan.base.weights), "target": _fingerprint(plan.target.weights),
+           "base": _fingerprint(plan.base), "target": _fingerprint(plan.target),
            "layer_map": pairing.layer_map, "cases": pairing.cases, "lambdas": lams,
            "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": list(res.trace),
                          "objective": res.objective}}
@@ -593,12 +699,6 @@ def cmd_sweep(args, ui: UI) -> int:
                      "target_loss": None if c.target_loss is None else c.target_loss.tolist(),
                      "target_acc": None if c.target_acc is None else c.target_acc.tolist(),
                      "target_barrier": c.target_barrier, "timings": c.timings}
-    R.write_json(doc, outdir / "sweep.json")
-    png = R.plot_sweeps([{"name": f"{plan.base.weights.name} ← {plan.target.weights.name}", "lambdas": lams,
-                          "aligned": doc["aligned"], "unaligned": doc["unaligned"]}], outdir / "sweep.png",
-                        f"λ sweep on {o.data}: aligned vs unaligned")
-    if res.trace:
-        R.plot_traces({"aligned": res.trace}, outdir / "alignment_trace.png", "weight-matching convergence")
     rows = [{"λ": l, "loss_unal": doc["unaligned"]["loss"][i], "loss_al": doc["aligned"]["loss"][i],
              "acc_unal %": 100 * doc["unaligned"]["acc"][i], "acc_al %": 100 * doc["aligned"]["acc"][i]}
             for i, l in enumerate(lams)]
@@ -607,20 +707,32 @@ def cmd_sweep(args, ui: UI) -> int:
     ui.out(R.table([{"": n, "barrier": doc[n]["barrier"], "λ*": doc[n]["lam_star"],
                      "acc at λ*": 100 * doc[n]["acc"][min(range(len(lams)), key=lambda i: abs(lams[i] - doc[n]["lam_star"]))]}
                     for n in ("unaligned", "aligned")], align_left=[""]))
-    md = ["# hetmerge sweep", "", f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.", "",
-          R.markdown_table(rows, list(rows[0])), "", f"![λ sweep]({png.name})", ""]
-    if res.trace:
-        md += ["![alignment trace](alignment_trace.png)", ""]
-    R.write_markdown(outdir / "report.md", "\n".join(md))
+    # every file lands in a temporary folder that replaces outdir only when all are written
+    with atomic_dir(outdir, SWEEP_FILES) as tmp:
+        R.write_json(doc, tmp / "sweep.json")
+        png = R.plot_sweeps([{"name": f"{plan.base.weights.name} ← {plan.target.weights.name}", "lambdas": lams,
+                              "aligned": doc["aligned"], "unaligned": doc["unaligned"]}], tmp / "sweep.png",
+                            f"λ sweep on {o.data}: aligned vs unaligned")
+        if res.trace:
+            R.plot_traces({"aligned": res.trace}, tmp / "alignment_trace.png", "weight-matching convergence")
+        md = ["# hetmerge sweep", "", f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.", "",
+              R.markdown_table(rows, list(rows[0])), "", f"![λ sweep]({png.name})", ""]
+        if res.trace:
+            md += ["![alignment trace](alignment_trace.png)", ""]
+        R.write_markdown(tmp / "report.md", "\n".join(md))
     ui.out(f"wrote {outdir}/sweep.json, sweep.png, report.md")
     return EXIT_OK
 
 
 def cmd_convert(args, ui: UI) -> int:
-    from .checkpoint import load_state, save_state
+    from .checkpoint import CheckpointError, load_state, save_state
 
-    state = load_state(args.input)
-    out = save_state(state, args.output, format=args.format)
+    out = Path(args.output)
+    _check_output(out, [("input", Path(args.input))])
+    if (out.exists() or out.is_symlink()) and not args.force:
+        raise CheckpointError(f"{out}: exists; pass --force to replace it")
+    state = load_state(args.input, sub_key=args.sub_key, key_prefix=args.key_prefix)
+    out = save_state(state, out, format=args.format)
     ui.out(f"wrote {out} ({len(state)} tensors)")
     return EXIT_OK
 
@@ -688,13 +800,22 @@ def _model_args(p: argparse.ArgumentParser, positional_required: bool) -> None:
                    + ("" if positional_required else "; or target.weights in --plan"))
     g = p.add_argument_group("models")
     g.add_argument("--plan", metavar="FILE", help="plan file (YAML or JSON): models, layer map, λ, options")
-    g.add_argument("--arch", metavar="DESC", help="architecture of both models: mlp, cnn, module:factory, or "
-                   "an inline mapping '{\"type\": \"cnn\", \"spatial\": [8, 8]}' (default: mlp, sizes "
-                   "read from the weights)")
+    g.add_argument("--arch", metavar="DESC", help="architecture of both models: auto, sequential, mlp, cnn, "
+                   "module:factory, file.py:factory, or an inline mapping '{\"type\": \"cnn\", \"spatial\": [8, 8]}' "
+                   "(default: auto: hetmerge's mlp, else a Linear/Conv/BatchNorm chain rebuilt from the weights "
+                   "with ReLU assumed)")
     g.add_argument("--base-arch", metavar="DESC", help="architecture of the base only")
     g.add_argument("--target-arch", metavar="DESC", help="architecture of the target only")
     g.add_argument("--layer-map", metavar="MAP", help="base=target layer pairs, e.g. fc0=fc0,fc1=fc2 "
                    "(default: shallow to shallow)")
+    _layout_args(g)
+
+
+def _layout_args(g) -> None:
+    g.add_argument("--sub-key", metavar="KEY", help="entry of a training checkpoint that holds the state dict, "
+                   "e.g. model_ema (dotted for nesting; default: the only {name: tensor} entry)")
+    g.add_argument("--key-prefix", metavar="PREFIX", help="prefix to strip from every key, e.g. 'module.' "
+                   "('' = keep keys as stored; default: strip module., _orig_mod., model. when every key has it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -743,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG)
     _model_args(a, positional_required=False)
     a.add_argument("-o", "--output", default="alignment.json", metavar="FILE", help="(default: %(default)s)")
-    add_option_flags(a, only=["method", "objective", "restarts", "max_iter", "tol", "seed", "data", "device"])
+    add_option_flags(a, only=["method", "objective", "restarts", "max_iter", "tol", "seed", "data", "device",
+                              "allow_nonfinite"])
     _common(a)
     a.set_defaults(func=cmd_align)
 
@@ -757,7 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output checkpoint; .pt/.pth/.bin -> PyTorch, else safetensors (default: %(default)s)")
     m.add_argument("--format", choices=["safetensors", "torch"], default=None, help="override the suffix")
     m.add_argument("--no-stream", action="store_true", help="merge in memory even when streaming is possible")
-    add_option_flags(m, only=["lam", "fill", "method", "objective", "restarts", "max_iter", "tol", "seed", "data"])
+    add_option_flags(m, only=["lam", "fill", "method", "objective", "restarts", "max_iter", "tol", "seed", "data",
+                              "allow_nonfinite"])
     _common(m)
     m.set_defaults(func=cmd_merge)
 
@@ -767,7 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alignment", metavar="FILE", help="alignment file from hetmerge align (default: align now)")
     s.add_argument("-o", "--output", default="hetmerge-sweep", metavar="DIR", help="(default: %(default)s)")
     add_option_flags(s, only=["data", "target_data", "lambdas", "acc_tol", "fill", "batch_size", "device", "method",
-                              "objective", "restarts", "max_iter", "tol", "seed"])
+                              "objective", "restarts", "max_iter", "tol", "seed", "allow_nonfinite"])
     _common(s)
     s.set_defaults(func=cmd_sweep)
 
@@ -775,6 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", metavar="IN")
     c.add_argument("output", metavar="OUT")
     c.add_argument("--format", choices=["safetensors", "torch"], default=None, help="(default: from OUT's suffix)")
+    c.add_argument("--force", action="store_true", help="replace OUT when it exists")
+    _layout_args(c)
     _common(c)
     c.set_defaults(func=cmd_convert)
 

@@ -81,9 +81,23 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 
 def _lam(v):
-    """A float in [0, 1], or {layer: float} (CLI: "fc0=0.5,fc1=0.2")."""
+    """A float in [0, 1], or {layer: float} (CLI: "fc0=0.5,fc1=0.2"; a repeated --lam adds pairs)."""
+    if isinstance(v, (list, tuple)):    # repeated --lam flags
+        v = ",".join(str(x) for x in v)
+    if isinstance(v, str) and "," in v and "=" not in v:
+        raise ValueError(f"expected one global λ or layer=λ pairs, got {v!r}")
     if isinstance(v, str) and "=" in v:
-        v = dict(item.split("=", 1) for item in v.split(",") if item)
+        items = [item for item in v.split(",") if item.strip()]
+        bad = [item for item in items if "=" not in item]
+        if bad:
+            raise ValueError(f"expected layer=λ pairs like fc0=0.5,fc1=0.2, got {bad[0]!r} in {v!r}")
+        pairs = [tuple(x.strip() for x in item.split("=", 1)) for item in items]
+        seen: dict = {}
+        for k, x in pairs:
+            if k in seen:
+                raise ValueError(f"layer {k!r} is given twice ({k}={seen[k]} and {k}={x}); give each layer once")
+            seen[k] = x
+        v = seen
     if isinstance(v, Mapping):
         out = {}
         for k, x in v.items():
@@ -105,9 +119,22 @@ def _lambdas(v):
         xs = [_float(0.0, 1.0)(x) for x in v]
         if not xs:
             raise ValueError("expected a non-empty list")
+        dup = sorted({x for x in xs if xs.count(x) > 1})
+        if dup:
+            raise ValueError(f"λ value(s) {dup} appear more than once in {list(v)}; give each λ once")
         return xs
     k = _int(2)(v)
     return k
+
+
+def _bool(v):
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("true", "yes", "1", "on"):
+        return True
+    if str(v).lower() in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
 
 
 def _device(v):
@@ -156,6 +183,8 @@ class Options:
     target_data: Any = opt(None, "target-domain data for the sweep (same forms as --data)", _data, "NAME|NPZ")
     batch_size: int = opt(2048, "evaluation batch size", _int(1), "N")
     device: str = opt("cpu", "device for alignment and sweeps: cpu, cuda, cuda:N", _device)
+    allow_nonfinite: bool = opt(False, "accept weights holding NaN or ±inf (refused by default: they poison the "
+                                "alignment and the merge)", _bool)
 
     @classmethod
     def names(cls) -> list[str]:
@@ -203,17 +232,26 @@ def add_option_flags(parser, only: list[str] | None = None) -> None:
             continue
         default = f.default
         shown = default if not isinstance(default, str) else repr(default)
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f"opt_{f.name}", default=None,
-                           metavar=f.metadata.get("metavar") or ("{" + ",".join(f.metadata["parse"].choices) + "}"
-                                                                 if hasattr(f.metadata["parse"], "choices")
-                                                                 else f.name.upper()),
+        flag, dest, parse = "--" + f.name.replace("_", "-"), f"opt_{f.name}", f.metadata["parse"]
+        if parse is _bool:      # a switch: --allow-nonfinite
+            group.add_argument(flag, dest=dest, action="store_const", const=True, default=None,
+                               help=f"{f.metadata['help']} (default: off)")
+            continue
+        group.add_argument(flag, dest=dest, default=None,
+                           # repeated --lam flags add layer=λ pairs (a repeated layer is an error)
+                           action="append" if parse is _lam else "store",
+                           metavar=f.metadata.get("metavar") or ("{" + ",".join(parse.choices) + "}"
+                                                                 if hasattr(parse, "choices") else f.name.upper()),
                            help=f"{f.metadata['help']} (default: {shown})")
 
 
 def options_from_args(args) -> dict[str, Any]:
     """{field: raw string} for the option flags given on the command line."""
-    return {f.name: getattr(args, f"opt_{f.name}") for f in fields(Options)
-            if getattr(args, f"opt_{f.name}", None) is not None}
+    out = {f.name: getattr(args, f"opt_{f.name}") for f in fields(Options)
+           if getattr(args, f"opt_{f.name}", None) is not None}
+    if isinstance(out.get("lam"), list):
+        out["lam"] = ",".join(out["lam"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +262,8 @@ def options_from_args(args) -> dict[str, Any]:
 class ModelRef:
     arch: Arch
     weights: Path | None
+    sub_key: str | None = None      # entry of a training checkpoint holding the state dict
+    key_prefix: str | None = None   # prefix stripped from every key; None = auto (checkpoint.strip_prefix)
 
 
 @dataclass
@@ -237,13 +277,14 @@ class Plan:
 
     def to_dict(self) -> dict:
         def ref(m: ModelRef):
-            return {"arch": m.arch.params if m.arch.kind != "factory" else m.arch.params,
-                    "weights": str(m.weights) if m.weights else None}
+            return {"arch": m.arch.params, "weights": str(m.weights) if m.weights else None,
+                    "sub_key": m.sub_key, "key_prefix": m.key_prefix}
         return {"base": ref(self.base), "target": ref(self.target), "layer_map": self.layer_map,
                 "alignment": str(self.alignment) if self.alignment else None, **self.options.to_dict()}
 
 
-_MODEL_KEYS = {"arch", "weights"}
+_MODEL_KEYS = {"arch", "weights", "sub_key", "key_prefix"}
+_PATH_OPTIONS = ("data", "target_data")     # option keys whose value may be a file
 _PLAN_KEYS = {"base", "target", "layer_map", "alignment"}
 
 
@@ -255,7 +296,7 @@ def read_plan_file(path: str | os.PathLike) -> dict:
     text = p.read_text()
     if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, p))
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     else:
@@ -265,7 +306,7 @@ def read_plan_file(path: str | os.PathLike) -> dict:
             raise PlanError(f"plan {p}: reading YAML needs PyYAML (pip install pyyaml), or write the plan "
                             "as JSON") from None
         try:
-            data = yaml.safe_load(text)   # safe_load: a plan file cannot build Python objects either
+            data = yaml.load(text, Loader=_strict_yaml_loader(p))   # SafeLoader: no Python objects either
         except yaml.YAMLError as exc:
             raise PlanError(f"plan {p}: invalid YAML: {exc}") from None
     if data is None:
@@ -273,6 +314,31 @@ def read_plan_file(path: str | os.PathLike) -> dict:
     if not isinstance(data, Mapping):
         raise PlanError(f"plan {p}: expected a mapping at the top level, got {type(data).__name__}")
     return dict(data)
+
+
+def _no_duplicates(pairs, p: Path) -> dict:
+    """A mapping from (key, value) pairs; a key given twice is an error (YAML and JSON readers would
+    silently keep the last one: `lam: {fc0: 0.2, fc0: 0.3}` merging at 0.3 unannounced)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise PlanError(f"plan {p}: key {k!r} is given twice ({out[k]!r} and {v!r}); give it once")
+        out[k] = v
+    return out
+
+
+def _strict_yaml_loader(p: Path):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        loader.flatten_mapping(node)
+        return _no_duplicates([(loader.construct_object(k, deep=deep), loader.construct_object(v, deep=deep))
+                               for k, v in node.value], p)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
 
 
 def parse_layer_map(v: Any, where: str = "layer_map") -> dict | None:
@@ -326,9 +392,13 @@ def _model_ref(d: Any, where: str, root: Path) -> ModelRef:
     if unknown:
         raise _unknown(sorted(unknown), _MODEL_KEYS, where)
     try:
-        arch = parse_arch(d.get("arch", "mlp"), f"{where}.arch")
+        arch = parse_arch(d.get("arch", "auto"), f"{where}.arch")
     except ArchError as exc:
         raise PlanError(str(exc)) from None
+    arch.root = root     # a factory given as a file or a module beside the plan is found from there
+    for k in ("sub_key", "key_prefix"):
+        if d.get(k) is not None and not isinstance(d[k], str):
+            raise PlanError(f"{where}.{k}: expected a string, got {type(d[k]).__name__}")
     w = d.get("weights")
     if w is not None and not isinstance(w, (str, os.PathLike)):
         raise PlanError(f"{where}.weights: expected a file path, got {type(w).__name__}")
@@ -337,7 +407,7 @@ def _model_ref(d: Any, where: str, root: Path) -> ModelRef:
         wp = Path(w).expanduser()
         if not wp.is_absolute():
             wp = root / wp     # relative to the plan file, so a plan folder can be moved as a whole
-    return ModelRef(arch, wp)
+    return ModelRef(arch, wp, d.get("sub_key"), d.get("key_prefix"))
 
 
 def load_plan(raw: Mapping[str, Any] | None = None, path: str | os.PathLike | None = None,
@@ -345,7 +415,9 @@ def load_plan(raw: Mapping[str, Any] | None = None, path: str | os.PathLike | No
     """Validate a plan: `raw` (or the file at `path`) with `overrides` (flags) on top.
 
     overrides may hold option fields and base_weights, target_weights, base_arch, target_arch,
-    arch (both), layer_map, alignment. Raises PlanError naming the key; FileNotFoundError for a
+    arch (both), layer_map, alignment, sub_key, key_prefix (both sides). Every path in a plan file
+    (weights, alignment, data files, factory files and modules) is relative to the plan's folder;
+    paths from flags are relative to the current folder. Raises PlanError naming the key; FileNotFoundError for a
     missing weights file.
     """
     root = Path.cwd()
@@ -372,6 +444,9 @@ def load_plan(raw: Mapping[str, Any] | None = None, path: str | os.PathLike | No
             arch = ov.get(f"{side}_arch") or ov.get("arch")
             if arch is not None:
                 d["arch"] = parse_arch_arg(arch) if isinstance(arch, str) else arch
+            for k in ("sub_key", "key_prefix"):     # flags: both sides
+                if ov.get(k) is not None:
+                    d[k] = ov[k]
         models[side] = _model_ref(d, side, root)
         if need_weights:
             w = models[side].weights
@@ -393,6 +468,10 @@ def load_plan(raw: Mapping[str, Any] | None = None, path: str | os.PathLike | No
             raise FileNotFoundError(f"alignment: {alignment}: no such file")
 
     merged = {k: raw[k] for k in raw if k in opt_names}
+    for k in _PATH_OPTIONS:   # a data file named in the plan is relative to the plan, like the weights
+        v = merged.get(k)
+        if isinstance(v, str) and v.endswith(".npz") and not Path(v).expanduser().is_absolute():
+            merged[k] = str(root / v)
     merged.update({k: v for k, v in ov.items() if k in opt_names and v is not None})
     options = options_from_mapping(merged)
     if options.method == "activation" and options.data is None:
