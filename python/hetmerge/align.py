@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from . import ops
 from .methods import WeightMatching, activation_costs
-from .spec import Pairing, as_spec, pair_specs
+from .spec import Pairing, pair_specs
+from .trace import as_spec
 
 __all__ = ["AlignResult", "align", "prepare", "solve_link"]
 
