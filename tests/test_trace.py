@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hetmerge as hm
-from hetmerge.spec import SpecError, permute_state
+from hetmerge.maps import permute_state
+from hetmerge.spec import SpecError
 from hetmerge.trace import handler_for, _MODULE_HANDLERS
 
 

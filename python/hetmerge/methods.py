@@ -15,34 +15,10 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .spec import Pairing, PermSpec, expand_map
+from .maps import expand_map, inverse_map, transform, unit_view
+from .spec import Pairing, PermSpec
 
-__all__ = ["WeightMatching", "unit_view", "transform", "activation_costs"]
-
-
-def unit_view(t: torch.Tensor, d: int, blocks: tuple) -> tuple[torch.Tensor, int]:
-    """View tensor `t` as [units of axis d, units of the other axis · block] (other axis major).
-
-    t: [n0·b0, n1·b1, *trailing] (or [n0·b0] for 1-D); returns (view, block) with
-    block = b0·b1·prod(trailing), which is what ``ops.cost_matrix`` needs to apply the other axis's
-    map without materializing it. Linear weights come back as plain (transposed) views; conv kernels
-    and flattened inputs need one copy (done once per alignment).
-    """
-    if t.dim() == 1:
-        return t.view(-1, blocks[0]), blocks[0]
-    b0, b1 = blocks[0], blocks[1]
-    n0, n1 = t.shape[0] // b0, t.shape[1] // b1
-    trail = math.prod(t.shape[2:])
-    v = t.reshape(n0, b0, n1, b1 * trail)
-    v = v.permute(0, 2, 1, 3) if d == 0 else v.permute(2, 0, 1, 3)
-    return v.reshape(v.shape[0], -1), b0 * b1 * trail
-
-
-def transform(pp, maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(rows, cols) entry maps of one paired tensor, for ops.permute_pad / ops.interpolate."""
-    rows = expand_map(maps[pp.links[0]], pp.blocks[0])
-    cols = expand_map(maps[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
-    return rows, cols
+__all__ = ["WeightMatching", "activation_costs"]
 
 
 class WeightMatching:
@@ -157,7 +133,7 @@ class WeightMatching:
                 # <A, T(B)> = <T^-1(A), B>: gather the smaller tensor (the gather is the cost)
                 for ln in pp.links:
                     if ln not in inv:
-                        inv[ln] = _inverse(maps[ln], self.pairing.links[ln].n_b)
+                        inv[ln] = inverse_map(maps[ln], self.pairing.links[ln].n_b)
                 rows = expand_map(inv[pp.links[0]], pp.blocks[0])
                 cols = expand_map(inv[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
                 total += float(torch.dot(ops.permute_pad(a, rows, cols).reshape(-1), b.reshape(-1)))
@@ -169,14 +145,6 @@ class WeightMatching:
             else:
                 total -= float((a - tb).square().sum())
         return total
-
-
-def _inverse(src: torch.Tensor, n_b: int) -> torch.Tensor:
-    """Target unit -> base slot (-1 where the target unit was dropped)."""
-    inv = torch.full((n_b,), -1, dtype=torch.long, device=src.device)
-    ok = src >= 0
-    inv[src[ok]] = torch.nonzero(ok)[:, 0]
-    return inv
 
 
 # ---------------------------------------------------------------------------------------------

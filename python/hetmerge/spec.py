@@ -21,8 +21,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["SpecError", "Layer", "PermSpec", "Link", "PairedParam", "Pairing", "pair_specs", "expand_map",
-           "position_map", "permute_state"]
+from .maps import position_map
+
+__all__ = ["SpecError", "Layer", "PermSpec", "Link", "PairedParam", "Pairing", "pair_specs"]
 
 
 class SpecError(ValueError):
@@ -166,50 +167,6 @@ def attach_norm(params: dict, norm_params: Mapping[str, str]):
         i += 1
     for local, key in norm_params.items():
         params[f"norm{i or ''}.{local}"] = key
-
-
-# ---------------------------------------------------------------------------------------------
-# index maps
-# ---------------------------------------------------------------------------------------------
-
-def position_map(n_a: int, n_b: int) -> torch.Tensor:
-    """Pad/crop by position: base slot i takes target unit i (or padding when i >= n_b)."""
-    m = torch.arange(n_a, dtype=torch.long)
-    m[n_b:] = -1
-    return m
-
-
-def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:
-    """Unit map [n] -> entry map [n·block] for an axis that holds `block` entries per unit."""
-    if block == 1:
-        return src
-    r = torch.arange(block, dtype=torch.long, device=src.device)
-    out = src[:, None] * block + r
-    return torch.where(src[:, None] >= 0, out, torch.full_like(out, -1)).reshape(-1)
-
-
-def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
-                  perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new state dict with the units of each group in `perms` reordered: new unit i = old unit
-    perms[g][i] (a permutation of the group). Used to check a graph by its invariance."""
-    from . import ops
-    out = {k: v.detach().clone() for k, v in state.items()}
-    for key, t in state.items():
-        if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() == 0:
-            continue
-        gs = spec.axis_groups(key, t.dim())
-        maps = []
-        for ax, g in enumerate(gs):
-            if g in perms:
-                maps.append(expand_map(torch.as_tensor(perms[g]), spec.block(key, ax)))
-            else:
-                maps.append(None)
-        if all(m is None for m in maps):
-            continue
-        rows = maps[0] if maps[0] is not None else torch.arange(t.shape[0])
-        cols = maps[1] if len(maps) > 1 else None
-        out[key] = ops.permute_pad(t.detach(), rows, cols)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
