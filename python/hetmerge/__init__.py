@@ -35,7 +35,7 @@ __all__ = ["ops", "set_num_threads", "get_num_threads", "cuda_available", "__ver
 # ---- Python layer (issue 3: spec → align → merge → sweep → assemble) ----------------------------
 from .spec import PermSpec, SpecError  # noqa: E402
 from .trace import register_handler, trace_spec  # noqa: E402
-from .align import AlignResult, align  # noqa: E402
+from .alignment import AlignResult, align  # noqa: E402
 from .merge import merge  # noqa: E402
 from .evaluate import SweepResult, sweep  # noqa: E402
 from .assemble import AssemblyResult, AssemblyStep, assemble  # noqa: E402

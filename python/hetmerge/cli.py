@@ -1,7 +1,7 @@
 """The `hetmerge` command: demo, inspect, align, merge, sweep, convert, bench.
 
 The CLI parses arguments, validates plans, reads and writes files, and calls the library; the
-merging itself is hetmerge.align / merge / sweep / assemble. Exit codes:
+merging itself is hetmerge.alignment / merge / evaluate / assemble. Exit codes:
 
     0 success   1 internal error   2 bad arguments or plan   3 missing, unreadable or unsafe file
     4 models incompatible with the plan (shapes, layer map, architecture)   130 interrupted
@@ -133,7 +133,7 @@ def _prepare(base, target, layer_map):
     """Pairing of two modules, with library errors turned into what-to-change messages."""
     import warnings
 
-    from .align import prepare
+    from .alignment import prepare
     from .spec import SpecError
 
     with warnings.catch_warnings(record=True) as caught:
@@ -478,7 +478,7 @@ def cmd_merge(args, ui: UI) -> int:
     import torch
 
     from .checkpoint import LazyState, detect_format, save_state, stream_merge
-    from .methods import transform
+    from .maps import transform
 
     plan = _plan_from_args(args)
     o = plan.options
@@ -524,7 +524,7 @@ def cmd_merge(args, ui: UI) -> int:
         import warnings
 
         import hetmerge as hm
-        from .align import AlignResult
+        from .alignment import AlignResult
 
         r = res or AlignResult(maps=maps, objective=float("nan"), trace=[], cases=dict(pairing.cases),
                                timings={}, pairing=pairing)
@@ -550,7 +550,7 @@ def cmd_sweep(args, ui: UI) -> int:
     import hetmerge as hm
 
     from . import report as R
-    from .align import AlignResult
+    from .alignment import AlignResult
 
     plan = _plan_from_args(args)
     o = plan.options

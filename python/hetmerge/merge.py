@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .methods import transform
+from .maps import transform
 from .spec import Pairing
 
 __all__ = ["merge", "resolve", "interpolate_params"]
@@ -18,7 +18,7 @@ def resolve(base: nn.Module, target: nn.Module, res, layer_map=None) -> tuple[Pa
     """(pairing, maps) from an AlignResult, or for res=None the unaligned baseline: the default (or
     given) layer map with maps by position (pad/crop)."""
     if res is None:
-        from .align import prepare
+        from .alignment import prepare
         pairing = prepare(base, target, layer_map)[0]
         return pairing, pairing.position_maps()
     if getattr(res, "pairing", None) is None:
