@@ -524,10 +524,9 @@ def cmd_merge(args, ui: UI) -> int:
         import warnings
 
         import hetmerge as hm
-        from .alignment import AlignResult
+        from .alignment import Alignment
 
-        r = res or AlignResult(maps=maps, objective=float("nan"), trace=[], cases=dict(pairing.cases),
-                               timings={}, pairing=pairing)
+        r = res or Alignment(pairing, maps)
         bar = ui.bar(total=1, desc="merge", unit="model")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -550,7 +549,7 @@ def cmd_sweep(args, ui: UI) -> int:
     import hetmerge as hm
 
     from . import report as R
-    from .alignment import AlignResult
+    from .alignment import Alignment
 
     plan = _plan_from_args(args)
     o = plan.options
@@ -566,8 +565,8 @@ def cmd_sweep(args, ui: UI) -> int:
     data = _eval_data(o.data, base, dev)
     tdata = _eval_data(o.target_data, base, dev, "target_data")
     maps, res = _maps_for(plan, base, target, pairing, ui, data)
-    res = res or AlignResult(maps=maps, objective=float("nan"), trace=[], cases=dict(pairing.cases), timings={},
-                             pairing=pairing)
+    alignment = res.alignment if res is not None else Alignment(pairing, maps)
+    trace = list(res.trace) if res is not None else []   # empty when the maps came from a file
     lam = _lambdas(o)
     outdir = Path(args.output)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -575,7 +574,7 @@ def cmd_sweep(args, ui: UI) -> int:
     bar = ui.bar(total=2, desc="sweep", unit="curve")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        for name, r in (("unaligned", None), ("aligned", res)):
+        for name, r in (("unaligned", None), ("aligned", alignment)):
             c = hm.sweep(base, target, r, lam, data=data, target_data=tdata, tol=o.acc_tol, fill=o.fill,
                          layer_map=plan.layer_map if r is None else None, batch_size=o.batch_size)
             curves[name] = c
@@ -586,8 +585,8 @@ def cmd_sweep(args, ui: UI) -> int:
     doc = {"created_by": "hetmerge sweep", "versions": R.versions(), "plan": plan.to_dict(),
            "base": _fingerprint(plan.base.weights), "target": _fingerprint(plan.target.weights),
            "layer_map": pairing.layer_map, "cases": pairing.cases, "lambdas": lams,
-           "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": list(res.trace),
-                         "objective": res.objective}}
+           "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": trace,
+                         "objective": res.objective if res is not None else None}}
     for name, c in curves.items():
         doc[name] = {"loss": c.loss.tolist(), "acc": c.acc.tolist(), "barrier": c.barrier, "lam_star": c.lam_star,
                      "target_loss": None if c.target_loss is None else c.target_loss.tolist(),
@@ -597,8 +596,8 @@ def cmd_sweep(args, ui: UI) -> int:
     png = R.plot_sweeps([{"name": f"{plan.base.weights.name} ← {plan.target.weights.name}", "lambdas": lams,
                           "aligned": doc["aligned"], "unaligned": doc["unaligned"]}], outdir / "sweep.png",
                         f"λ sweep on {o.data}: aligned vs unaligned")
-    if res.trace:
-        R.plot_traces({"aligned": res.trace}, outdir / "alignment_trace.png", "weight-matching convergence")
+    if trace:
+        R.plot_traces({"aligned": trace}, outdir / "alignment_trace.png", "weight-matching convergence")
     rows = [{"λ": l, "loss_unal": doc["unaligned"]["loss"][i], "loss_al": doc["aligned"]["loss"][i],
              "acc_unal %": 100 * doc["unaligned"]["acc"][i], "acc_al %": 100 * doc["aligned"]["acc"][i]}
             for i, l in enumerate(lams)]
@@ -609,7 +608,7 @@ def cmd_sweep(args, ui: UI) -> int:
                     for n in ("unaligned", "aligned")], align_left=[""]))
     md = ["# hetmerge sweep", "", f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.", "",
           R.markdown_table(rows, list(rows[0])), "", f"![λ sweep]({png.name})", ""]
-    if res.trace:
+    if trace:
         md += ["![alignment trace](alignment_trace.png)", ""]
     R.write_markdown(outdir / "report.md", "\n".join(md))
     ui.out(f"wrote {outdir}/sweep.json, sweep.png, report.md")
