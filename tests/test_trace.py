@@ -77,3 +77,8 @@ def test_register_handler_rejects_non_kinds():
         hm.register_handler(int)
     with pytest.raises(TypeError, match="at least one"):
         hm.register_handler()
+
+
+def test_permspec_prints_a_short_summary():
+    spec = hm.trace_spec(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
+    assert repr(spec) == "PermSpec(1 free groups [0=6], 2 layers, fixed ['input', 'output'])"

@@ -82,6 +82,12 @@ class PermSpec:
                                     f"{self._axis_to_group[(key, ax)]!r} and {g!r}")
                 self._axis_to_group[(key, ax)] = g
 
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{g}={n}" for g, n in list(self.sizes.items())[:8])
+        more = f", ... {len(self.sizes) - 8} more" if len(self.sizes) > 8 else ""
+        return (f"PermSpec({len(self.free_groups)} free groups [{sizes}{more}], "
+                f"{len(self.layers)} layers, fixed {sorted(self.fixed)})")
+
     @property
     def free_groups(self) -> list[str]:
         return [g for g in self.groups if g not in self.fixed]
