@@ -36,10 +36,11 @@ __all__ = ["ops", "set_num_threads", "get_num_threads", "cuda_available", "__ver
 from .spec import PermSpec, SpecError  # noqa: E402
 from .trace import register_handler, trace_spec  # noqa: E402
 from .alignment import AlignResult, align  # noqa: E402
-from .merge import merge  # noqa: E402
+from .merging import merge  # noqa: E402
+from .alignment import Alignment  # noqa: E402
 from .evaluate import SweepResult, sweep  # noqa: E402
 from .assemble import AssemblyResult, AssemblyStep, assemble  # noqa: E402
 
-__all__ += ["PermSpec", "SpecError", "trace_spec", "register_handler", "AlignResult", "align", "merge", "SweepResult", "sweep",
+__all__ += ["PermSpec", "SpecError", "trace_spec", "register_handler", "Alignment", "AlignResult", "align", "merge", "SweepResult", "sweep",
             "AssemblyResult", "AssemblyStep", "assemble"]
 # ---- end of the Python layer's block ------------------------------------------------------------

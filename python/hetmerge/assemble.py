@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .alignment import align
 from .evaluate import SweepResult, recompute_bn, sweep
-from .merge import merge
+from .merging import merge
 
 __all__ = ["AssemblyStep", "AssemblyResult", "assemble", "pick_lam"]
 
