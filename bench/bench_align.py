@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import hetmerge as hm  # noqa: E402
 from hetmerge import models as hmm  # noqa: E402
-from hetmerge.merge import resolve  # noqa: E402
-from hetmerge.methods import transform  # noqa: E402
+from hetmerge.merging import resolve  # noqa: E402
+from hetmerge.maps import transform  # noqa: E402
 from helpers_models import digits, ref_weight_matching, trained_mlp  # noqa: E402
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hetmerge as hm
-from hetmerge.spec import permute_state
+from hetmerge.maps import permute_state
 
 from helpers_models import digits, ref_weight_matching, same_state, state_copy, trained_mlp
 

@@ -146,7 +146,7 @@ def _inner_of_aligned(pairing, base, target, maps) -> float:
 
 def _planted_permutation(model, x):
     """A copy of `model` with every free hidden group permuted at random (checked: same function)."""
-    from hetmerge.spec import permute_state
+    from hetmerge.maps import permute_state
     spec = hm.trace_spec(model, x)
     g = torch.Generator().manual_seed(3)
     perms = {grp: torch.randperm(n, generator=g) for grp, n in spec.sizes.items()}   # sizes: free groups only

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import hetmerge as hm
 from hetmerge import models as hmm
-from hetmerge.spec import PermSpec, SpecError, permute_state
+from hetmerge.maps import permute_state
+from hetmerge.spec import PermSpec, SpecError
 
 from helpers_models import randomize_bn
 

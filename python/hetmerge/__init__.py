@@ -33,12 +33,14 @@ _C.set_num_threads(max(1, _torch.get_num_threads()))
 __all__ = ["ops", "set_num_threads", "get_num_threads", "cuda_available", "__version__"]
 
 # ---- Python layer (issue 3: spec → align → merge → sweep → assemble) ----------------------------
-from .spec import PermSpec, SpecError, trace_spec  # noqa: E402
-from .align import AlignResult, align  # noqa: E402
-from .merge import merge  # noqa: E402
+from .spec import PermSpec, SpecError  # noqa: E402
+from .trace import register_handler, trace_spec  # noqa: E402
+from .alignment import AlignResult, align  # noqa: E402
+from .merging import merge  # noqa: E402
+from .alignment import Alignment  # noqa: E402
 from .evaluate import SweepResult, sweep  # noqa: E402
 from .assemble import AssemblyResult, AssemblyStep, assemble  # noqa: E402
 
-__all__ += ["PermSpec", "SpecError", "trace_spec", "AlignResult", "align", "merge", "SweepResult", "sweep",
+__all__ += ["PermSpec", "SpecError", "trace_spec", "register_handler", "Alignment", "AlignResult", "align", "merge", "SweepResult", "sweep",
             "AssemblyResult", "AssemblyStep", "assemble"]
 # ---- end of the Python layer's block ------------------------------------------------------------

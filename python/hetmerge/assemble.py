@@ -8,9 +8,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .align import align
+from .alignment import align
 from .evaluate import SweepResult, recompute_bn, sweep
-from .merge import merge
+from .merging import merge
 
 __all__ = ["AssemblyStep", "AssemblyResult", "assemble", "pick_lam"]
 

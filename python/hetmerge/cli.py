@@ -1,7 +1,7 @@
 """The `hetmerge` command: demo, inspect, align, merge, sweep, convert, bench.
 
 The CLI parses arguments, validates plans, reads and writes files, and calls the library; the
-merging itself is hetmerge.align / merge / sweep / assemble. Exit codes:
+merging itself is hetmerge.alignment / merge / evaluate / assemble. Exit codes:
 
     0 success   1 internal error   2 bad arguments or plan   3 missing, unreadable or unsafe file
     4 models incompatible with the plan (shapes, layer map, architecture)   130 interrupted
@@ -212,7 +212,7 @@ def _prepare(base, target, layer_map):
     """Pairing of two modules, with library errors turned into what-to-change messages."""
     import warnings
 
-    from .align import prepare
+    from .alignment import prepare
     from .spec import SpecError
 
     with warnings.catch_warnings(record=True) as caught:
@@ -577,7 +577,7 @@ def cmd_merge(args, ui: UI) -> int:
     import torch
 
     from .checkpoint import LazyState, detect_format, save_state, stream_merge
-    from .methods import transform
+    from .maps import transform
 
     plan = _plan_from_args(args)
     o = plan.options
@@ -626,10 +626,9 @@ def cmd_merge(args, ui: UI) -> int:
         import warnings
 
         import hetmerge as hm
-        from .align import AlignResult
+        from .alignment import Alignment
 
-        r = res or AlignResult(maps=maps, objective=float("nan"), trace=[], cases=dict(pairing.cases),
-                               timings={}, pairing=pairing)
+        r = res or Alignment(pairing, maps)
         bar = ui.bar(total=1, desc="merge", unit="model")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -652,7 +651,7 @@ def cmd_sweep(args, ui: UI) -> int:
     import hetmerge as hm
 
     from . import report as R
-    from .align import AlignResult
+    from .alignment import Alignment
     from .checkpoint import atomic_dir, check_replaceable_dir
 
     plan = _plan_from_args(args)
@@ -674,14 +673,14 @@ def cmd_sweep(args, ui: UI) -> int:
     data = _eval_data(o.data, base, dev)
     tdata = _eval_data(o.target_data, base, dev, "target_data")
     maps, res = _maps_for(plan, base, target, pairing, ui, data)
-    res = res or AlignResult(maps=maps, objective=float("nan"), trace=[], cases=dict(pairing.cases), timings={},
-                             pairing=pairing)
+    alignment = res.alignment if res is not None else Alignment(pairing, maps)
+    trace = list(res.trace) if res is not None else []   # empty when the maps came from a file
     lam = _lambdas(o)
     curves = {}
     bar = ui.bar(total=2, desc="sweep", unit="curve")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        for name, r in (("unaligned", None), ("aligned", res)):
+        for name, r in (("unaligned", None), ("aligned", alignment)):
             c = hm.sweep(base, target, r, lam, data=data, target_data=tdata, tol=o.acc_tol, fill=o.fill,
                          layer_map=plan.layer_map if r is None else None, batch_size=o.batch_size)
             curves[name] = c
@@ -692,8 +691,8 @@ def cmd_sweep(args, ui: UI) -> int:
     doc = {"created_by": "hetmerge sweep", "versions": R.versions(), "plan": plan.to_dict(),
            "base": _fingerprint(plan.base), "target": _fingerprint(plan.target),
            "layer_map": pairing.layer_map, "cases": pairing.cases, "lambdas": lams,
-           "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": list(res.trace),
-                         "objective": res.objective}}
+           "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": trace,
+                         "objective": res.objective if res is not None else None}}
     for name, c in curves.items():
         doc[name] = {"loss": c.loss.tolist(), "acc": c.acc.tolist(), "barrier": c.barrier, "lam_star": c.lam_star,
                      "target_loss": None if c.target_loss is None else c.target_loss.tolist(),
@@ -713,11 +712,11 @@ def cmd_sweep(args, ui: UI) -> int:
         png = R.plot_sweeps([{"name": f"{plan.base.weights.name} ← {plan.target.weights.name}", "lambdas": lams,
                               "aligned": doc["aligned"], "unaligned": doc["unaligned"]}], tmp / "sweep.png",
                             f"λ sweep on {o.data}: aligned vs unaligned")
-        if res.trace:
-            R.plot_traces({"aligned": res.trace}, tmp / "alignment_trace.png", "weight-matching convergence")
+        if trace:
+            R.plot_traces({"aligned": trace}, tmp / "alignment_trace.png", "weight-matching convergence")
         md = ["# hetmerge sweep", "", f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.", "",
               R.markdown_table(rows, list(rows[0])), "", f"![λ sweep]({png.name})", ""]
-        if res.trace:
+        if trace:
             md += ["![alignment trace](alignment_trace.png)", ""]
         R.write_markdown(tmp / "report.md", "\n".join(md))
     ui.out(f"wrote {outdir}/sweep.json, sweep.png, report.md")

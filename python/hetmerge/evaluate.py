@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .merge import interpolate_params, resolve
+from .merging import merge_items, merge_tensor, resolve
 
 __all__ = ["SweepResult", "sweep", "barrier", "lam_star", "recompute_bn"]
 
@@ -158,7 +158,7 @@ def _template(base, mixed, pairing, maps, sa, sb, fill) -> nn.Module:
         # structural copy costs more than the whole sweep of a small model
         tpl = _shallow(base)
         owned = {id(tpl)}
-    one = {pp.base_key: pp for pp in pairing.params}
+    items = {it.base_key: it for it in merge_items(pairing, maps, 1.0)}   # λ = 1: the target's end
     for path, keys in mixed.items():
         parent = tpl
         for part in path.split(".")[:-1]:
@@ -173,8 +173,7 @@ def _template(base, mixed, pairing, maps, sa, sb, fill) -> nn.Module:
         ends = {}
         for k in (f"{path}.weight", f"{path}.bias"):
             if k in keys:
-                sub = type(pairing)(pairing.layer_map, pairing.links, [one[k]], pairing.cases)
-                ends[k] = interpolate_params(sub, maps, sa, sb, torch.tensor([1.0]), fill)[k][0]
+                ends[k] = merge_tensor(items[k], sa, sb, fill=fill)[0]
             else:   # unpaired (or absent) bias: the base's at both ends
                 ends[k] = sa.get(k)
         a_b = sa.get(f"{path}.bias")
@@ -234,6 +233,7 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     reset_bn = bn_data is not None and _has_bn(base)
     mixed = {} if reset_bn or not mix_inputs else _input_layers(base, pairing)
     template = _template(base, mixed, pairing, maps, sa, sb, fill)
+    items = {it.base_key: it for it in merge_items(pairing, maps, 1.0)}   # λ per row of lam_all below
     mixed_keys = {k for keys in mixed.values() for k in keys}
     paired = {pp.base_key for pp in pairing.params} - mixed_keys
     names = dict(template.named_parameters())
@@ -255,9 +255,9 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
             lam = lam_all[s:s + chunk]
             t0 = time.perf_counter()
             stacked = {}
-            for k, v in interpolate_params(pairing, maps, sa, sb, lam.to(torch.float32), fill,
-                                           keys=paired).items():
-                stacked[k] = v
+            for item in items.values():
+                if item.base_key in paired:
+                    stacked[item.base_key] = merge_tensor(item, sa, sb, lam, fill)
             for path in mixed:
                 stacked[f"{path}.lam"] = lam.to(sa[mixed[path][0]].dtype)
             if reset_bn:

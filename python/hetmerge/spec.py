@@ -7,24 +7,23 @@ axes form *fixed* groups (never permuted). After a flatten of a conv output, the
 axis holds ``size(group) · block`` entries with block = H·W (unit-major), which ``ops.cost_matrix(block=)``
 and the block-expanded index maps cover.
 
-``trace_spec`` derives the graph with torch.fx; ``PermSpec.from_groups`` accepts a hand-written one.
+``hetmerge.trace.trace_spec`` derives the graph with torch.fx; ``PermSpec.from_groups`` accepts a
+hand-written one.
 ``pair_specs`` pairs a base graph with a target graph through a layer map and yields the *links* (one
 index map each, base size, -1 = padding) that ``align`` solves and ``merge``/``sweep`` apply.
 """
 from __future__ import annotations
 
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ["SpecError", "Layer", "PermSpec", "trace_spec", "as_spec", "Link", "PairedParam",
-           "Pairing", "pair_specs", "expand_map", "position_map", "permute_state"]
+from .maps import position_map
+
+__all__ = ["SpecError", "Layer", "PermSpec", "Link", "PairedParam", "Pairing", "pair_specs"]
 
 
 class SpecError(ValueError):
@@ -82,6 +81,12 @@ class PermSpec:
                     raise SpecError(f"spec: axis ({key!r}, {ax}) is listed in groups "
                                     f"{self._axis_to_group[(key, ax)]!r} and {g!r}")
                 self._axis_to_group[(key, ax)] = g
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{g}={n}" for g, n in list(self.sizes.items())[:8])
+        more = f", ... {len(self.sizes) - 8} more" if len(self.sizes) > 8 else ""
+        return (f"PermSpec({len(self.free_groups)} free groups [{sizes}{more}], "
+                f"{len(self.layers)} layers, fixed {sorted(self.fixed)})")
 
     @property
     def free_groups(self) -> list[str]:
@@ -158,348 +163,16 @@ def _layers_from_state(sd) -> list[Layer]:
         if any(sd[k].dim() >= 2 for k in params.values()) or not layers:
             layers.append([prefix, dict(params)])
         else:
-            _attach_norm(layers[-1][1], params)
+            attach_norm(layers[-1][1], params)
     return [Layer(n, p) for n, p in layers]
 
 
-def _attach_norm(params: dict, norm_params: Mapping[str, str]):
+def attach_norm(params: dict, norm_params: Mapping[str, str]):
     i = 0
     while any(r.startswith(f"norm{i or ''}.") for r in params):
         i += 1
     for local, key in norm_params.items():
         params[f"norm{i or ''}.{local}"] = key
-
-
-def as_spec(model: nn.Module, spec=None, example_input=None) -> PermSpec:
-    """`spec` as given (PermSpec), validated from a hand-written dict, or traced from `model`."""
-    if spec is None:
-        return trace_spec(model, example_input)
-    if isinstance(spec, PermSpec):
-        return spec
-    if isinstance(spec, Mapping):
-        if "groups" in spec:
-            return PermSpec.from_groups(model, spec["groups"], spec.get("fixed", ()), spec.get("layers"))
-        return PermSpec.from_groups(model, spec)
-    raise TypeError(f"spec: expected a PermSpec, a dict group -> [(key, axis)], or None; got {type(spec)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.fx tracing
-# ---------------------------------------------------------------------------------------------
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU,
-    nn.LeakyReLU, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink,
-    nn.Softsign, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-)
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_ELEMENTWISE_FUNCS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.softplus,
-    F.hardtanh, F.hardswish, F.hardsigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    torch.relu, torch.tanh, torch.sigmoid, torch.abs, torch.neg, F.tanh, F.sigmoid, operator.neg,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-}
-_ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "abs", "neg", "contiguous", "clone", "detach",
-                        "float", "to", "type_as", "relu_", "sigmoid_", "tanh_"}
-_JOIN = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, "add", "sub",
-         "mul", "add_", "mul_", operator.iadd, operator.imul}
-_FLATTEN = {torch.flatten, "flatten"}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-
-
-@dataclass
-class _Val:
-    group: int                 # union-find id of the feature axis (dim 1, or the last dim of [N, F])
-    flat: bool = False         # spatial dims were flattened into the feature axis
-    layer: int | None = None   # index of the layer that produced it (norms attach there)
-
-
-class _UnionFind:
-    def __init__(self):
-        self.parent: list[int] = []
-        self.names: list[str] = []
-        self.fixed: list[bool] = []
-
-    def new(self, name: str, fixed: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.names.append(name)
-        self.fixed.append(fixed)
-        return len(self.parent) - 1
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> int:
-        i, j = self.find(i), self.find(j)
-        if i == j:
-            return i
-        # a fixed group (model input/output) names the union, otherwise the shallowest one
-        lo, hi = min(i, j), max(i, j)
-        if self.fixed[hi] and not self.fixed[lo]:
-            self.names[lo] = self.names[hi]
-        self.parent[hi] = lo
-        self.fixed[lo] = self.fixed[lo] or self.fixed[hi]
-        return lo
-
-
-def _node_path(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return str(list(stack.values())[-1][0]) or "<root>"
-    return "<root>"
-
-
-def _fail(node: fx.Node, why: str):
-    tgt = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-    raise SpecError(f"trace_spec: cannot follow node {node.name!r} ({node.op} {tgt}) in module "
-                    f"{_node_path(node)!r}: {why}; pass a hand-written spec "
-                    "(group -> [(parameter, axis)]) instead")
-
-
-def trace_spec(model: nn.Module, example_input: Any = None) -> PermSpec:
-    """Permutation graph of `model`, derived with torch.fx.
-
-    Follows Linear, Conv1d/2d/3d, BatchNorm, LayerNorm (last dim), elementwise activations, dropout,
-    pooling, flatten/view(N, -1) and residual additions. `example_input`, when given, is run through the
-    model to check that it traces (shapes are otherwise read from the parameters).
-    Raises SpecError naming the node and module path for anything else.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"trace_spec: model must be a torch.nn.Module, got {type(model)}")
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:   # data-dependent control flow and the like
-        raise SpecError(f"trace_spec: torch.fx could not trace {type(model).__name__}: {e}; "
-                        "pass a hand-written spec (group -> [(parameter, axis)]) instead") from e
-    if example_input is not None:
-        with torch.no_grad():
-            gm(example_input) if not isinstance(example_input, tuple) else gm(*example_input)
-
-    modules = dict(model.named_modules())
-    uf = _UnionFind()
-    vals: dict[fx.Node, _Val | None] = {}
-    entries: list[tuple[str, int, int, Any]] = []   # (key, axis, uf id, block: int or ("flat", n_in))
-    layers: list[list] = []                           # [name, {role: key}]
-    layer_out: dict[str, tuple[int, int]] = {}        # shared modules: path -> (in id, out id)
-    probes: dict[int, tuple[str, str]] = {}
-    n_inputs = 0
-
-    def tensor_args(node):
-        # every tensor the node reads, nested lists (torch.cat([a, b])) and kwargs included
-        found = []
-        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
-        return [vals[a] for a in found if vals.get(a) is not None]
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            vals[node] = _Val(uf.new("input" if n_inputs == 0 else f"input{n_inputs}", fixed=True))
-            n_inputs += 1
-        elif node.op == "get_attr":
-            _fail(node, "parameters used outside their module")
-        elif node.op == "output":
-            outs = node.args[0]
-            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            for i, o in enumerate(outs):
-                if isinstance(o, fx.Node) and vals.get(o) is not None:
-                    uf.union(vals[o].group, uf.new("output" if i == 0 else f"output{i}", fixed=True))
-        elif node.op == "call_module":
-            mod = modules[node.target]
-            path = str(node.target)
-            args = tensor_args(node)
-            if len(args) != 1:
-                _fail(node, f"{type(mod).__name__} with {len(args)} tensor inputs")
-            x = args[0]
-            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                is_conv = not isinstance(mod, nn.Linear)
-                if is_conv and (mod.groups != 1 or x.flat):
-                    _fail(node, "grouped convolution" if mod.groups != 1 else "convolution after flatten")
-                if path in layer_out:   # the same module called again: its axes stay one group each
-                    gin, gout = layer_out[path]
-                    uf.union(gin, x.group)
-                    vals[node] = _Val(gout, False, next(i for i, l in enumerate(layers) if l[0] == path))
-                    continue
-                gout = uf.new(path)
-                w = f"{path}.weight" if path else "weight"
-                n_in = mod.weight.shape[1]
-                entries.append((w, 0, gout, 1))
-                entries.append((w, 1, x.group, ("flat", n_in) if x.flat else 1))
-                params = {"weight": w}
-                if mod.bias is not None:
-                    params["bias"] = f"{path}.bias" if path else "bias"
-                    entries.append((params["bias"], 0, gout, 1))
-                layers.append([path, params])
-                layer_out[path] = (x.group, gout)
-                probes.setdefault(x.group, (path, "conv" if is_conv else ("flat" if x.flat else "linear")))
-                vals[node] = _Val(gout, False, len(layers) - 1)
-            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)):
-                if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
-                    _fail(node, f"LayerNorm over {tuple(mod.normalized_shape)} (only the last dim can be "
-                                "permuted)")
-                if x.flat and isinstance(mod, nn.BatchNorm1d):
-                    _fail(node, "BatchNorm after flatten")
-                norm = {local: (f"{path}.{local}" if path else local)
-                        for local, t in mod.state_dict(keep_vars=True).items()
-                        if t.is_floating_point()}
-                for key in norm.values():
-                    entries.append((key, 0, x.group, 1))
-                if x.layer is None:
-                    layers.append([path, {f"norm.{k}": v for k, v in norm.items()}])
-                    vals[node] = _Val(x.group, x.flat, len(layers) - 1)
-                else:
-                    _attach_norm(layers[x.layer][1], norm)
-                    vals[node] = x
-            elif isinstance(mod, _ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU)
-                                                           and mod.num_parameters == 1):
-                vals[node] = x
-            elif isinstance(mod, _POOL_MODULES):
-                if x.flat:
-                    _fail(node, "pooling after flatten")
-                vals[node] = x
-            elif isinstance(mod, nn.Flatten):
-                if mod.start_dim != 1:
-                    _fail(node, f"Flatten(start_dim={mod.start_dim}) (only start_dim=1 keeps units whole)")
-                vals[node] = _Val(x.group, True, x.layer)
-            else:
-                _fail(node, f"module type {type(mod).__name__} is not supported (attention heads, "
-                            "embeddings and custom modules need a hand-written spec)")
-        elif node.op in ("call_function", "call_method"):
-            tgt = node.target
-            args = tensor_args(node)
-            first = node.args[0] if node.args else None
-            first_val = vals.get(first) if isinstance(first, fx.Node) else None
-            if tgt in ("size", "dim") or tgt is getattr or (tgt is operator.getitem and first_val is None):
-                vals[node] = None   # shapes and other non-tensor values
-            elif not args:
-                vals[node] = None   # arithmetic on sizes / constants
-            elif tgt in _JOIN:
-                g = args[0].group
-                for a in args[1:]:
-                    g = uf.union(g, a.group)
-                if any(a.flat != args[0].flat for a in args):
-                    _fail(node, "adds a flattened tensor to an unflattened one")
-                vals[node] = _Val(g, args[0].flat, args[0].layer)
-            elif tgt in _ELEMENTWISE_FUNCS or tgt in _ELEMENTWISE_METHODS:
-                if first_val is None:
-                    _fail(node, "elementwise op whose first argument is not the feature tensor")
-                vals[node] = first_val
-            elif tgt in _FLATTEN:
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                if start != 1 or first_val is None:
-                    _fail(node, f"flatten(start_dim={start}) (only start_dim=1 keeps units whole)")
-                vals[node] = _Val(first_val.group, True, first_val.layer)
-            elif tgt in ("view", "reshape") or tgt is torch.reshape:
-                shape = node.args[1:] if tgt != torch.reshape else node.args[1]
-                if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-                    shape = shape[0]
-                batch_first = len(shape) == 2 and shape[1] == -1 and (
-                    isinstance(shape[0], fx.Node) or shape[0] == -1)
-                if first_val is None or not batch_first:
-                    _fail(node, f"{tgt}{tuple(shape)} (only view/reshape(batch, -1) can be followed)")
-                vals[node] = _Val(first_val.group, True, first_val.layer)
-            elif tgt in _REDUCE_METHODS or tgt in (torch.mean, torch.sum, torch.amax):
-                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-                dims = (dims,) if isinstance(dims, int) else dims
-                if first_val is None or first_val.flat or not dims or any(d in (0, 1, -1) for d in dims):
-                    _fail(node, f"{tgt} over dims {dims} (only spatial dims >= 2 can be reduced)")
-                vals[node] = first_val
-            else:
-                _fail(node, "operation not supported (concatenation, attention, indexing, ...)")
-        else:
-            _fail(node, f"op {node.op}")
-
-    # resolve the union-find into named groups
-    root_name = {}
-    groups: dict[str, list[tuple[str, int]]] = {}
-    blocks: dict[tuple[str, int], int] = {}
-    sizes: dict[str, int] = {}
-    fixed = set()
-    sd = dict(model.state_dict(keep_vars=True))
-    # group sizes from the axes whose block is known (1)
-    for key, ax, gid, blk in entries:
-        r = uf.find(gid)
-        name = root_name.setdefault(r, uf.names[r])
-        if uf.fixed[r]:
-            fixed.add(name)
-        if blk == 1 and not uf.fixed[r]:
-            n = sd[key].shape[ax]
-            if sizes.setdefault(name, n) != n:
-                raise SpecError(f"trace_spec: group {name!r} has {sizes[name]} units but "
-                                f"{key!r}.shape[{ax}] = {n}")
-    for key, ax, gid, blk in entries:
-        r = uf.find(gid)
-        name = root_name[r]
-        if isinstance(blk, tuple):
-            n_in = blk[1]
-            if name in fixed:
-                blk = 1   # fixed axes pair by position, whole
-            elif name not in sizes or n_in % sizes[name]:
-                raise SpecError(f"trace_spec: {key!r} takes {n_in} flattened inputs, not a multiple of "
-                                f"the {sizes.get(name)} units of group {name!r}")
-            else:
-                blk = n_in // sizes[name]
-        groups.setdefault(name, []).append((key, ax))
-        if blk != 1:
-            blocks[(key, ax)] = blk
-    named_probes = {root_name[uf.find(g)]: p for g, p in probes.items() if uf.find(g) in root_name}
-    for g in list(named_probes):
-        if g in fixed:
-            del named_probes[g]
-    return PermSpec(groups, blocks, sizes, frozenset(fixed), [Layer(n, p) for n, p in layers],
-                    named_probes)
-
-
-# ---------------------------------------------------------------------------------------------
-# index maps
-# ---------------------------------------------------------------------------------------------
-
-def position_map(n_a: int, n_b: int) -> torch.Tensor:
-    """Pad/crop by position: base slot i takes target unit i (or padding when i >= n_b)."""
-    m = torch.arange(n_a, dtype=torch.long)
-    m[n_b:] = -1
-    return m
-
-
-def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:
-    """Unit map [n] -> entry map [n·block] for an axis that holds `block` entries per unit."""
-    if block == 1:
-        return src
-    r = torch.arange(block, dtype=torch.long, device=src.device)
-    out = src[:, None] * block + r
-    return torch.where(src[:, None] >= 0, out, torch.full_like(out, -1)).reshape(-1)
-
-
-def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
-                  perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new state dict with the units of each group in `perms` reordered: new unit i = old unit
-    perms[g][i] (a permutation of the group). Used to check a graph by its invariance."""
-    from . import ops
-    out = {k: v.detach().clone() for k, v in state.items()}
-    for key, t in state.items():
-        if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() == 0:
-            continue
-        gs = spec.axis_groups(key, t.dim())
-        maps = []
-        for ax, g in enumerate(gs):
-            if g in perms:
-                maps.append(expand_map(torch.as_tensor(perms[g]), spec.block(key, ax)))
-            else:
-                maps.append(None)
-        if all(m is None for m in maps):
-            continue
-        rows = maps[0] if maps[0] is not None else torch.arange(t.shape[0])
-        cols = maps[1] if len(maps) > 1 else None
-        out[key] = ops.permute_pad(t.detach(), rows, cols)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,48 +1,18 @@
-"""Alignment methods: how the cost of one link (base group <- target group) is built.
-
-WeightMatching: the cost of a link is the similarity of the weights of every paired tensor touching it,
-the neighbouring links' current maps applied on the inner axis -- one ``ops.cost_matrix`` call.
-Activation matching: correlation of hidden activations on a batch of data -- the same call on
-activations (units × samples).
+"""Weight matching: the cost of a link is the similarity of the weights of every paired tensor touching
+it, the neighbouring links' current maps applied on the inner axis -- one ``ops.cost_matrix`` call.
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Mapping
 
 import torch
-import torch.nn as nn
 
-from . import ops
-from .spec import Pairing, PermSpec, expand_map
+from .. import ops
+from ..maps import expand_map, inverse_map, transform, unit_view
+from ..spec import Pairing
 
-__all__ = ["WeightMatching", "unit_view", "transform", "activation_costs"]
-
-
-def unit_view(t: torch.Tensor, d: int, blocks: tuple) -> tuple[torch.Tensor, int]:
-    """View tensor `t` as [units of axis d, units of the other axis · block] (other axis major).
-
-    t: [n0·b0, n1·b1, *trailing] (or [n0·b0] for 1-D); returns (view, block) with
-    block = b0·b1·prod(trailing), which is what ``ops.cost_matrix`` needs to apply the other axis's
-    map without materializing it. Linear weights come back as plain (transposed) views; conv kernels
-    and flattened inputs need one copy (done once per alignment).
-    """
-    if t.dim() == 1:
-        return t.view(-1, blocks[0]), blocks[0]
-    b0, b1 = blocks[0], blocks[1]
-    n0, n1 = t.shape[0] // b0, t.shape[1] // b1
-    trail = math.prod(t.shape[2:])
-    v = t.reshape(n0, b0, n1, b1 * trail)
-    v = v.permute(0, 2, 1, 3) if d == 0 else v.permute(2, 0, 1, 3)
-    return v.reshape(v.shape[0], -1), b0 * b1 * trail
-
-
-def transform(pp, maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(rows, cols) entry maps of one paired tensor, for ops.permute_pad / ops.interpolate."""
-    rows = expand_map(maps[pp.links[0]], pp.blocks[0])
-    cols = expand_map(maps[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
-    return rows, cols
+__all__ = ["WeightMatching"]
 
 
 class WeightMatching:
@@ -157,7 +127,7 @@ class WeightMatching:
                 # <A, T(B)> = <T^-1(A), B>: gather the smaller tensor (the gather is the cost)
                 for ln in pp.links:
                     if ln not in inv:
-                        inv[ln] = _inverse(maps[ln], self.pairing.links[ln].n_b)
+                        inv[ln] = inverse_map(maps[ln], self.pairing.links[ln].n_b)
                 rows = expand_map(inv[pp.links[0]], pp.blocks[0])
                 cols = expand_map(inv[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
                 total += float(torch.dot(ops.permute_pad(a, rows, cols).reshape(-1), b.reshape(-1)))
@@ -169,65 +139,3 @@ class WeightMatching:
             else:
                 total -= float((a - tb).square().sum())
         return total
-
-
-def _inverse(src: torch.Tensor, n_b: int) -> torch.Tensor:
-    """Target unit -> base slot (-1 where the target unit was dropped)."""
-    inv = torch.full((n_b,), -1, dtype=torch.long, device=src.device)
-    ok = src >= 0
-    inv[src[ok]] = torch.nonzero(ok)[:, 0]
-    return inv
-
-
-# ---------------------------------------------------------------------------------------------
-# activation matching
-# ---------------------------------------------------------------------------------------------
-
-def _collect(model: nn.Module, spec: PermSpec, groups: set, X) -> dict[str, torch.Tensor]:
-    """Activations [units, samples] entering each group's probe module, on a copy of the model."""
-    m = copy.deepcopy(model).eval()
-    mods = dict(m.named_modules())
-    acts: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def hook_for(g, kind):
-        def hook(_mod, inp):
-            x = inp[0].detach()
-            if kind == "conv":
-                u = x.transpose(0, 1).reshape(x.shape[1], -1)
-            else:
-                n = spec.sizes[g]
-                u = x.reshape(-1, n, x.shape[-1] // n).permute(1, 0, 2).reshape(n, -1)
-            acts[g] = u
-        return hook
-
-    for g in groups:
-        path, kind = spec.probes[g]
-        hooks.append(mods[path].register_forward_pre_hook(hook_for(g, kind)))
-    with torch.no_grad():
-        m(X)
-    for h in hooks:
-        h.remove()
-    return acts
-
-
-def _standardize(u: torch.Tensor) -> torch.Tensor:
-    u = u - u.mean(1, keepdim=True)
-    return u / (u.norm(dim=1, keepdim=True) + 1e-8)
-
-
-def activation_costs(pairing: Pairing, base: nn.Module, target: nn.Module, bspec: PermSpec,
-                     tspec: PermSpec, X) -> dict[str, torch.Tensor]:
-    """Correlation cost [n_a, n_b] for every free link whose two groups have probes in their specs
-    and whose activations have the same number of samples; other links are left to weight matching."""
-    cand = {n: l for n, l in pairing.links.items()
-            if l.free and l.base_group in bspec.probes and l.target_group in tspec.probes}
-    acts_a = _collect(base, bspec, {l.base_group for l in cand.values()}, X)
-    acts_b = _collect(target, tspec, {l.target_group for l in cand.values()}, X)
-    out = {}
-    for n, l in cand.items():
-        ua, ub = acts_a[l.base_group], acts_b[l.target_group]
-        if ua.shape[1] != ub.shape[1]:
-            continue   # different spatial sizes: no sample-wise correspondence
-        out[n] = ops.cost_matrix([(_standardize(ua), _standardize(ub), None, 1)])
-    return out

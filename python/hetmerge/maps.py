@@ -1,0 +1,95 @@
+"""Index maps and what they do to tensors.
+
+An index map aligns a base axis of n_a units with a target axis: ``src[i] = j`` puts target unit j in
+base slot i, ``-1`` is zero padding (DESIGN.md). These helpers expand a unit map to an axis holding
+several entries per unit, invert it, turn a paired tensor's links into (rows, cols) for the
+primitives, and permute a whole state dict (used to check a graph by its invariance).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from . import ops
+
+if TYPE_CHECKING:
+    from .spec import PermSpec
+
+__all__ = ["position_map", "expand_map", "inverse_map", "transform", "unit_view", "permute_state"]
+
+
+
+def position_map(n_a: int, n_b: int) -> torch.Tensor:
+    """Pad/crop by position: base slot i takes target unit i (or padding when i >= n_b)."""
+    m = torch.arange(n_a, dtype=torch.long)
+    m[n_b:] = -1
+    return m
+
+
+def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:
+    """Unit map [n] -> entry map [n·block] for an axis that holds `block` entries per unit."""
+    if block == 1:
+        return src
+    r = torch.arange(block, dtype=torch.long, device=src.device)
+    out = src[:, None] * block + r
+    return torch.where(src[:, None] >= 0, out, torch.full_like(out, -1)).reshape(-1)
+
+
+def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
+                  perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state dict with the units of each group in `perms` reordered: new unit i = old unit
+    perms[g][i] (a permutation of the group). Used to check a graph by its invariance."""
+    out = {k: v.detach().clone() for k, v in state.items()}
+    for key, t in state.items():
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() == 0:
+            continue
+        gs = spec.axis_groups(key, t.dim())
+        maps = []
+        for ax, g in enumerate(gs):
+            if g in perms:
+                maps.append(expand_map(torch.as_tensor(perms[g]), spec.block(key, ax)))
+            else:
+                maps.append(None)
+        if all(m is None for m in maps):
+            continue
+        rows = maps[0] if maps[0] is not None else torch.arange(t.shape[0])
+        cols = maps[1] if len(maps) > 1 else None
+        out[key] = ops.permute_pad(t.detach(), rows, cols)
+    return out
+
+
+def inverse_map(src: torch.Tensor, n_b: int) -> torch.Tensor:
+    """Target unit -> base slot (-1 where the target unit was dropped)."""
+    inv = torch.full((n_b,), -1, dtype=torch.long, device=src.device)
+    ok = src >= 0
+    inv[src[ok]] = torch.nonzero(ok)[:, 0]
+    return inv
+
+
+def unit_view(t: torch.Tensor, d: int, blocks: tuple) -> tuple[torch.Tensor, int]:
+    """View tensor `t` as [units of axis d, units of the other axis · block] (other axis major).
+
+    t: [n0·b0, n1·b1, *trailing] (or [n0·b0] for 1-D); returns (view, block) with
+    block = b0·b1·prod(trailing), which is what ``ops.cost_matrix`` needs to apply the other axis's
+    map without materializing it. Linear weights come back as plain (transposed) views; conv kernels
+    and flattened inputs need one copy (done once per alignment).
+    """
+    if t.dim() == 1:
+        return t.view(-1, blocks[0]), blocks[0]
+    b0, b1 = blocks[0], blocks[1]
+    n0, n1 = t.shape[0] // b0, t.shape[1] // b1
+    trail = math.prod(t.shape[2:])
+    v = t.reshape(n0, b0, n1, b1 * trail)
+    v = v.permute(0, 2, 1, 3) if d == 0 else v.permute(2, 0, 1, 3)
+    return v.reshape(v.shape[0], -1), b0 * b1 * trail
+
+
+def transform(pp, maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, cols) entry maps of one paired tensor, for ops.permute_pad / ops.interpolate."""
+    rows = expand_map(maps[pp.links[0]], pp.blocks[0])
+    cols = expand_map(maps[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
+    return rows, cols
+
+

@@ -1,0 +1,156 @@
+"""The merge engine: one way to turn paired tensors, index maps and merging factors into merged
+tensors, used by every merge in hetmerge.
+
+    pairing + maps + λ  ->  merge_items()  ->  MergeItem per paired tensor (λ decided here, once)
+    MergeItem + base/target tensor sources  ->  merge_tensor()  ->  [K, rows...] (K factors at once)
+
+and three sinks on top of it: ``merge`` (a new module), ``checkpoint.stream_merge`` (row blocks of
+memory-mapped safetensors into a streaming writer) and ``evaluate.sweep`` (K stacked copies for a
+batched forward). A tensor source is any Mapping of tensors; sources with ``get_rows`` /
+``gather_rows`` (checkpoint.LazyState) are read block by block without loading whole tensors.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .maps import transform
+from .spec import Pairing
+
+__all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "resolve", "layer_lams"]
+
+
+@dataclass(frozen=True)
+class MergeItem:
+    """One paired tensor: base[base_key] <- target[target_key] through entry maps (rows over axis 0,
+    cols over axis 1; None = not permuted), merged at factor `lam` (0 keeps the base)."""
+    base_key: str
+    target_key: str
+    layer: str
+    rows: torch.Tensor
+    cols: torch.Tensor | None
+    lam: float
+
+
+def layer_lams(pairing: Pairing, lam, extrapolate: bool = False) -> dict[str, float]:
+    """λ per paired base layer: a float applies to every paired layer; a {layer: λ} dict to the
+    layers it lists, unlisted layers getting 0 (they keep the base's weights). The one place where
+    that default is decided."""
+    layers = list(pairing.layer_map)
+    if isinstance(lam, Mapping):
+        stray = [k for k in lam if k not in pairing.layer_map]
+        if stray:
+            raise KeyError(f"lam: {stray[0]!r} is not a paired base layer; paired layers: {sorted(layers)}")
+        out = {layer: 0.0 for layer in layers}
+        out.update({k: _check_lam(v, f"lam[{k!r}]", extrapolate) for k, v in lam.items()})
+        return out
+    value = _check_lam(lam, "lam", extrapolate)
+    return {layer: value for layer in layers}
+
+
+def _check_lam(v: Any, where: str, extrapolate: bool) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not (torch.is_tensor(v) and v.numel() == 1):
+        raise TypeError(f"{where}: expected a number, got {v!r}")
+    v = float(v)
+    if math.isnan(v) or (not extrapolate and not 0.0 <= v <= 1.0):
+        raise ValueError(f"{where} = {v} is outside [0, 1] (pass extrapolate=True to extrapolate)")
+    return v
+
+
+def merge_items(pairing: Pairing, maps: Mapping[str, torch.Tensor], lam=1.0,
+                extrapolate: bool = False) -> list[MergeItem]:
+    """A MergeItem per paired tensor whose layer has λ != 0 (the others keep the base's tensor)."""
+    lams = layer_lams(pairing, lam, extrapolate)
+    items = []
+    for pp in pairing.params:
+        value = lams.get(pp.layer, 0.0)
+        if value == 0.0:
+            continue
+        rows, cols = transform(pp, maps)
+        items.append(MergeItem(pp.base_key, pp.target_key, pp.layer, rows, cols, value))
+    return items
+
+
+def _lambda_tensor(lambdas, dtype: torch.dtype) -> torch.Tensor:
+    # λ in float32 for low-precision weights: the kernels accumulate in float32 anyway
+    return torch.as_tensor(lambdas, dtype=torch.float64 if dtype == torch.float64 else torch.float32).reshape(-1)
+
+
+def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                 lambdas=None, fill: str = "zero", row_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """[K, *rows of the base tensor]: (1 - λ_k)·A + λ_k·T(B) for λ_k in `lambdas` (default
+    [item.lam]), one ``ops.interpolate``. `row_range` = (i0, i1) merges base rows i0:i1 only and reads
+    just the target rows they use, from sources that can read rows (memory-mapped checkpoints)."""
+    if row_range is None:
+        a = base[item.base_key].detach()
+        b = target[item.target_key].detach()
+        rows = item.rows
+    else:
+        i0, i1 = row_range
+        a = _rows(base, item.base_key, i0, i1)
+        rows = item.rows[i0:i1]
+        used = rows[rows >= 0]
+        b = _gather(target, item.target_key, used)
+        # renumber: the block's map points into the gathered rows
+        local = torch.full_like(rows, -1)
+        local[rows >= 0] = torch.arange(len(used), dtype=rows.dtype, device=rows.device)
+        rows = local
+    lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, a.dtype).to(a.device)
+    cols = None if item.cols is None else item.cols.to(a.device)
+    return ops.interpolate(a, b, lam, rows.to(a.device), cols, fill=fill)
+
+
+def _rows(source, key: str, i0: int, i1: int) -> torch.Tensor:
+    get_rows = getattr(source, "get_rows", None)
+    return get_rows(key, i0, i1) if get_rows is not None else source[key].detach()[i0:i1]
+
+
+def _gather(source, key: str, idx: torch.Tensor) -> torch.Tensor:
+    gather_rows = getattr(source, "gather_rows", None)
+    if gather_rows is not None:
+        return gather_rows(key, idx)
+    t = source[key].detach()
+    return t.index_select(0, idx.to(t.device))
+
+
+def resolve(base: nn.Module, target: nn.Module, res, layer_map=None) -> tuple[Pairing, dict]:
+    """(pairing, maps) from an AlignResult or Alignment, or for res=None the unaligned baseline: the default (or
+    given) layer map with maps by position (pad/crop)."""
+    if res is None:
+        from .alignment import prepare
+        pairing = prepare(base, target, layer_map)[0]
+        return pairing, pairing.position_maps()
+    if getattr(res, "pairing", None) is None:
+        raise ValueError("res: expected an AlignResult from hm.align or an hm.Alignment (or None for the "
+                         "unaligned baseline)")
+    return res.pairing, res.maps
+
+
+def merge(base: nn.Module, target: nn.Module, res=None, lam=0.5, fill: str = "zero",
+          layer_map=None, extrapolate: bool = False) -> nn.Module:
+    """A new module with the base's architecture: every paired tensor becomes
+    ``ops.interpolate(base, target, [λ], maps, fill)``; other tensors are the base's.
+
+    res: AlignResult from hm.align or an Alignment, or None (maps by position: the unaligned baseline).
+    lam: float in [0, 1], or {base layer: λ} (unlisted layers keep the base's weights; 0 = base).
+    extrapolate: allow λ outside [0, 1] ((1 - λ)·A + λ·T(B) all the same).
+    fill: "zero" (padded target units are zero) or "base" (padding keeps the base's value).
+    base and target are left untouched.
+    """
+    if fill not in ("zero", "base"):
+        raise ValueError(f"fill: expected 'zero' or 'base', got {fill!r}")
+    pairing, maps = resolve(base, target, res, layer_map)
+    sa = base.state_dict()
+    sb = target.state_dict()
+    new = dict(sa)
+    for item in merge_items(pairing, maps, lam, extrapolate):
+        new[item.base_key] = merge_tensor(item, sa, sb, fill=fill)[0]
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(new)
+    return merged
