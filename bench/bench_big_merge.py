@@ -28,6 +28,7 @@ import torch
 
 from hetmerge import ops
 from hetmerge.checkpoint import LazyState, StreamWriter, stream_merge
+from hetmerge.merging import MergeItem
 
 LAM = 0.3
 IN_DIM, OUT_DIM = 1024, 10
@@ -87,7 +88,9 @@ def child(args) -> int:
     rss_start = _status_kb("VmRSS")
     base, target = LazyState(args.base), LazyState(args.target)
     items = merge_items(args.base_width, args.target_width, args.layers)
-    stats = stream_merge(base, target, args.out, items, chunk_bytes=args.chunk_mb << 20)
+    stats = stream_merge(base, target, args.out, [MergeItem(k, tk, k.split(".")[0], r, c, lam)
+                                                  for k, (tk, r, c, lam) in items.items()],
+                         chunk_bytes=args.chunk_mb << 20)
     # spot check: a few rows of the widest tensor against (1-λ)·a + λ·permute_pad(b)
     k = "fc1.weight" if args.layers > 1 else "fc0.weight"
     _, rows, cols, lam = items[k]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hetmerge import ops
+from hetmerge.merging import MergeItem
 from hetmerge.checkpoint import (CheckpointError, LazyState, StreamWriter, UnsafeCheckpointError, atomic_write,
                                  detect_format, load_state, save_state, stream_merge)
 
@@ -141,7 +142,9 @@ def test_stream_merge_matches_formula(tmp_path, chunk_bytes):
     items = {"fc0.weight": ("fc0.weight", m, None, 0.3), "fc0.bias": ("fc0.bias", m, None, 0.3),
              "head.weight": ("head.weight", None, m, 0.6)}
     stream_merge(LazyState(tmp_path / "a.safetensors"), LazyState(tmp_path / "b.safetensors"),
-                 tmp_path / "m.safetensors", items, fill="base", chunk_bytes=chunk_bytes)
+                 tmp_path / "m.safetensors", [MergeItem(k, tk, k.split(".")[0], r, c, lam)
+                                              for k, (tk, r, c, lam) in items.items()],
+                 fill="base", chunk_bytes=chunk_bytes)
     out = load_state(tmp_path / "m.safetensors")
     for k, (tk, rows, cols, lam) in items.items():
         want = ops.interpolate(a[k], b[tk], [lam], rows, cols, fill="base")[0]

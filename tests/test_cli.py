@@ -130,7 +130,7 @@ def test_inspect_align_merge_sweep(ckpts, tmp_path, capsys, fmt):
     assert code == EXIT_OK
     doc = json.loads((tmp_path / "al.json").read_text())
     assert set(doc["maps"]) >= {"fc0", "fc1"} and len(doc["maps"]["fc0"]) == 48
-    assert doc["trace"][-1] >= doc["trace"][0] and len(doc["restart_objectives"]) == 2
+    assert doc["info"]["trace"][-1] >= doc["info"]["trace"][0] and len(doc["info"]["restart_objectives"]) == 2
 
     merged = tmp_path / f"merged.{fmt}"
     code, out, _ = run(capsys, "merge", base, target, "--alignment", tmp_path / "al.json", "--lam", 0.3,

@@ -86,15 +86,18 @@ class Alignment:
             raise AlignmentError(f"{where}: maps {extra} match no link of these models; it was computed for "
                                  "different models or a different layer map — align again")
 
-    def check_fingerprints(self, current: Mapping[str, Mapping[str, Any]]) -> list[str]:
-        """Sides ("base"/"target") whose weights differ from those the alignment was computed on
-        (compared only where both fingerprints are of the same kind)."""
-        changed = []
+    def check_fingerprints(self, current: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+        """(changed, unchecked): sides ("base"/"target") whose weights differ from those the alignment
+        was computed on, and sides that cannot be checked because the alignment holds no fingerprint
+        of the same kind (files written by older versions)."""
+        changed, unchecked = [], []
         for side, have in current.items():
             want = self.fingerprints.get(side) or {}
-            if want.get("kind") == have.get("kind") and want.get("digest") not in (None, have.get("digest")):
+            if want.get("kind") != have.get("kind") or "digest" not in want:
+                unchecked.append(side)
+            elif want["digest"] != have.get("digest"):
                 changed.append(side)
-        return changed
+        return changed, unchecked
 
     # -- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

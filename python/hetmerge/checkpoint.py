@@ -609,25 +609,25 @@ def file_size_gb(path) -> float:
 # streaming merge
 # ---------------------------------------------------------------------------------------------
 
-def stream_merge(base: "LazyState", target: "LazyState", out_path: str | os.PathLike, plan_items,
+def stream_merge(base: "LazyState", target: "LazyState", out_path: str | os.PathLike, items,
                  fill: str = "zero", metadata: Mapping[str, str] | None = None, progress=None,
                  chunk_bytes: int = 64 << 20) -> dict:
     """Merge two memory-mapped safetensors checkpoints into `out_path`, streaming.
 
-    plan_items: {base key: (target key, rows [n0] or None, cols [n1] or None, lam)} for the paired
-    tensors; every other base tensor is copied as is. Each output tensor is
-    ``ops.interpolate(a, b, [lam], rows, cols, fill)[0]``, computed in blocks of base rows of about
-    `chunk_bytes` and written as soon as each block is done. Inputs are memory-mapped per block and
-    unmapped after it, so peak resident memory is a few blocks (plus the target rows they gather),
-    not two whole models, nor even one whole tensor. progress(key, nbytes) is called per tensor.
-    Returns {"tensors", "bytes", "seconds"}.
+    items: the merge engine's MergeItems (``merging.merge_items``) for the tensors to merge; every
+    other base tensor is copied as is. Each merged tensor is ``merging.merge_tensor`` of the item,
+    computed in blocks of base rows of about `chunk_bytes` and written as soon as each block is done.
+    Inputs are memory-mapped per block and unmapped after it, so peak resident memory is a few blocks
+    (plus the target rows they gather), not two whole models, nor even one whole tensor.
+    progress(key, nbytes) is called per tensor. Returns {"tensors", "bytes", "seconds"}.
     """
     import time
 
-    from . import ops
+    from .merging import merge_tensor
 
     t0 = time.perf_counter()
-    unknown = [k for k in plan_items if k not in base.infos]
+    by_key = {it.base_key: it for it in items}
+    unknown = [k for k in by_key if k not in base.infos]
     if unknown:
         raise CheckpointError(f"{base.path}: no tensor(s) {unknown[:3]} named in the merge")
     entries = [(k, i.dtype, i.shape) for k, i in base.infos.items()]
@@ -635,34 +635,22 @@ def stream_merge(base: "LazyState", target: "LazyState", out_path: str | os.Path
     with StreamWriter(out_path, entries, metadata) as w:
         for k, dt, shape in entries:
             info = base.infos[k]
-            item = plan_items.get(k)
+            item = by_key.get(k)
             n0 = shape[0] if shape else 1
             step = max(1, chunk_bytes // max(1, info.nbytes // max(1, n0)))
-            copy = item is None or item[3] == 0.0 or not dt.is_floating_point or not shape
-            if not copy:
-                tkey, rows, cols, lam = item
-                if tkey not in target.infos:
-                    raise CheckpointError(f"{target.path}: no tensor {tkey!r} (paired with base {k!r})")
-                # λ in float32 for low-precision weights: the kernels accumulate in float32 anyway
-                lam_t = torch.tensor([lam], dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            copy = item is None or not dt.is_floating_point or not shape
+            if not copy and item.target_key not in target.infos:
+                raise CheckpointError(f"{target.path}: no tensor {item.target_key!r} (paired with base {k!r})")
             for i0 in range(0, n0, step):
                 i1 = min(n0, i0 + step)
-                a = base.get_rows(k, i0, i1) if shape else base.get(k)
                 if copy:
+                    a = base.get_rows(k, i0, i1) if shape else base.get(k)
                     w.write_part(k, a)
+                    del a   # drops the mapping: its pages leave this process's resident set
                 else:
-                    if rows is None:   # axis 0 is not permuted (same size): take the same rows of b
-                        b, r = target.get_rows(tkey, i0, i1), None
-                    else:              # gather just the target rows this block uses, renumbered
-                        r = rows[i0:i1]
-                        used = r[r >= 0]
-                        b = target.gather_rows(tkey, used)
-                        r = torch.full_like(r, -1)
-                        r[rows[i0:i1] >= 0] = torch.arange(len(used), dtype=r.dtype)
-                    out = ops.interpolate(a, b, lam_t, r, cols, fill=fill)
+                    out = merge_tensor(item, base, target, fill=fill, row_range=(i0, i1))
                     w.write_part(k, out[0])
-                    del b, out
-                del a   # drops the mapping: its pages leave this process's resident set
+                    del out
             w.end_tensor(k)
             done += info.nbytes
             if progress is not None:

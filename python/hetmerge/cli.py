@@ -21,7 +21,6 @@ from typing import Any
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FILE, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
-ALIGNMENT_FORMAT = "hetmerge-alignment"
 SWEEP_FILES = frozenset({"sweep.json", "sweep.png", "alignment_trace.png", "report.md"})   # what sweep -o writes
 
 
@@ -110,8 +109,8 @@ def _fingerprint(ref) -> dict:
     from .checkpoint import FINGERPRINT_KIND
 
     scan = _scan(ref)
-    return {"file": str(ref.weights), "bytes": ref.weights.stat().st_size, "fingerprint": FINGERPRINT_KIND,
-            "weights_blake2b": scan.digest}
+    return {"file": str(ref.weights), "bytes": ref.weights.stat().st_size, "kind": FINGERPRINT_KIND,
+            "digest": scan.digest}
 
 
 def _check_finite(ref, side: str, allow: bool, ui: UI) -> None:
@@ -313,74 +312,41 @@ def _eval_data(spec: str | None, example_model, device: str, what: str = "data")
 # alignment files
 # ---------------------------------------------------------------------------------------------
 
-def _alignment_doc(plan, res, pairing, wall_s: float) -> dict:
+def _save_alignment(plan, res, wall_s: float, out: Path) -> None:
+    """Write hm.align's result as an alignment file, with both models' fingerprints and provenance."""
     from . import report as R
+    from .alignment import Alignment
 
-    return {
-        "format": ALIGNMENT_FORMAT, "version": 1, "created_by": "hetmerge align",
-        "versions": R.versions(),
-        "base": {**_fingerprint(plan.base), "arch": plan.base.arch.describe()},
-        "target": {**_fingerprint(plan.target), "arch": plan.target.arch.describe()},
-        "layer_map": pairing.layer_map, "cases": pairing.cases,
-        "links": {n: {"base_group": l.base_group, "target_group": l.target_group, "n_base": l.n_a,
-                      "n_target": l.n_b, "solved": l.free} for n, l in pairing.links.items()},
-        "method": res.method, "objective": res.objective, "trace": list(res.trace),
-        "iterations": res.iterations, "converged": res.converged,
-        "restart_objectives": list(res.restart_objectives),
-        "timings": {**res.timings, "wall": wall_s},
-        "options": plan.options.to_dict(),
-        "maps": {n: m.tolist() for n, m in res.maps.items()},
-    }
+    info = {"created_by": "hetmerge align", "versions": R.versions(),
+            "arch": {"base": plan.base.arch.describe(), "target": plan.target.arch.describe()},
+            "method": res.method, "objective": res.objective, "trace": list(res.trace),
+            "iterations": res.iterations, "converged": res.converged,
+            "restart_objectives": list(res.restart_objectives),
+            "timings": {**res.timings, "wall": wall_s}, "options": plan.options.to_dict()}
+    fingerprints = {"base": _fingerprint(plan.base), "target": _fingerprint(plan.target)}
+    Alignment(res.pairing, res.maps, fingerprints, info).save(out)
 
 
-def _read_alignment(path: Path, pairing, plan, ui: UI) -> dict:
-    """Index maps from an alignment file, checked against the pairing of the plan's models."""
-    import torch
+def _read_alignment(path: Path, pairing, plan, ui: UI):
+    """The Alignment in `path`, checked against the pairing of the plan's models; warns when the
+    weights differ from those it was computed on."""
+    from .alignment import Alignment, AlignmentError
 
     try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IncompatibleError(f"alignment {path}: not a JSON file ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != ALIGNMENT_FORMAT:
-        raise IncompatibleError(f"alignment {path}: not a hetmerge alignment file (written by hetmerge align)")
-    for side in ("base", "target"):
-        want = doc.get(side, {})
-        if not isinstance(want, dict):
-            continue
-        if "weights_blake2b" not in want:
-            # older files hashed the first 256 values of each tensor only: nothing here can recompute
-            # that safely enough to vouch for the weights, so say so instead of a false "unchanged"
-            if "weights_sha256" in want:
-                ui.warn(f"alignment {path}: written by an older hetmerge whose {side} fingerprint covered only "
-                        f"the first 256 values of each tensor; cannot check that {side} weights are unchanged "
-                        f"since ({want.get('file')}). Rerun hetmerge align to record a full fingerprint")
-            continue
-        have = _fingerprint(getattr(plan, side))
-        if want["weights_blake2b"] != have["weights_blake2b"]:
-            ui.warn(f"alignment {path}: {side} weights differ from the file it was computed for "
-                    f"({want.get('file')}); the maps may not fit these weights")
-    maps = doc.get("maps")
-    if not isinstance(maps, dict):
-        raise IncompatibleError(f"alignment {path}: no 'maps'")
-    out = {}
-    for name, link in pairing.links.items():
-        if name not in maps:
-            raise IncompatibleError(f"alignment {path}: no map for link {name!r}; it was computed for a "
-                                    f"different layer map ({doc.get('layer_map')}) — rerun hetmerge align")
-        m = torch.tensor(maps[name], dtype=torch.long)
-        valid = m[m >= 0]
-        if m.numel() != link.n_a or (valid.numel() and int(valid.max()) >= link.n_b) or \
-                valid.unique().numel() != valid.numel():
-            raise IncompatibleError(f"alignment {path}: map {name!r} (length {m.numel()}, largest entry "
-                                    f"{int(m.max()) if m.numel() else '-'}) does not fit these models: they need "
-                                    f"{link.n_a} distinct entries < {link.n_b} (-1 = padding); it was computed "
-                                    "for other models — rerun hetmerge align")
-        out[name] = m
-    extra = sorted(set(maps) - set(pairing.links))
-    if extra:
-        raise IncompatibleError(f"alignment {path}: maps {extra} match no link of these models; it was "
-                                "computed for different models or layer map — rerun hetmerge align")
-    return out
+        alignment = Alignment.load(path, pairing=pairing)
+    except AlignmentError as exc:
+        raise IncompatibleError(str(exc).replace("align again", "rerun hetmerge align")) from None
+    current = {side: _fingerprint(getattr(plan, side)) for side in ("base", "target")}
+    changed, unchecked = alignment.check_fingerprints(current)
+    for side in unchecked:
+        ui.warn(f"alignment {path}: written by an older hetmerge whose {side} fingerprint covered only "
+                f"the first 256 values of each tensor; cannot check that {side} weights are unchanged "
+                f"since ({alignment.fingerprints.get(side, {}).get('file')}). Rerun hetmerge align to record "
+                "a full fingerprint")
+    for side in changed:
+        ui.warn(f"alignment {path}: {side} weights differ from the file it was computed for "
+                f"({alignment.fingerprints[side].get('file')}); the maps may not fit these weights")
+    return alignment
 
 
 def _align(plan, base, target, ui: UI, data=None):
@@ -408,12 +374,12 @@ def _align(plan, base, target, ui: UI, data=None):
     return best, time.perf_counter() - t0
 
 
-def _maps_for(plan, base, target, pairing, ui: UI, data=None):
-    """(maps, AlignResult or None) from --alignment, or aligned now."""
+def _alignment_for(plan, base, target, pairing, ui: UI, data=None):
+    """(Alignment, AlignResult or None): read from --alignment, or aligned now."""
     if plan.alignment is not None:
         return _read_alignment(plan.alignment, pairing, plan, ui), None
     res, _ = _align(plan, base, target, ui, data)
-    return res.maps, res
+    return res.alignment, res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +507,6 @@ def cmd_inspect(args, ui: UI) -> int:
 
 
 def cmd_align(args, ui: UI) -> int:
-    from .report import write_json
-
     plan = _plan_from_args(args)
     out = Path(args.output)
     _check_output(out, _plan_inputs(plan), "alignment output")
@@ -557,8 +521,7 @@ def cmd_align(args, ui: UI) -> int:
     if plan.options.method == "activation":
         data = _eval_data(plan.options.data, base, dev)
     res, wall = _align(plan, base, target, ui, data)
-    doc = _alignment_doc(plan, res, res.pairing or pairing, wall)
-    write_json(doc, out)
+    _save_alignment(plan, res, wall, out)
     tr = res.trace
     ui.out(f"aligned {plan.target.weights.name} to {plan.base.weights.name}: {len(res.maps)} index maps, "
            f"normalized objective {tr[0]:.4f} (by position) -> {tr[-1]:.4f} after {res.iterations} sweeps, "
@@ -569,15 +532,11 @@ def cmd_align(args, ui: UI) -> int:
     return EXIT_OK
 
 
-def _layer_lam(lam, layer: str) -> float:
-    return float(lam) if not isinstance(lam, dict) else float(lam.get(layer, 0.0))
-
-
 def cmd_merge(args, ui: UI) -> int:
     import torch
 
     from .checkpoint import LazyState, detect_format, save_state, stream_merge
-    from .maps import transform
+    from .merging import merge_items
 
     plan = _plan_from_args(args)
     o = plan.options
@@ -603,18 +562,12 @@ def cmd_merge(args, ui: UI) -> int:
         if stray:
             raise IncompatibleError(f"lam: layer(s) {stray} are not paired base layers {sorted(pairing.layer_map)}")
     data = _eval_data(o.data, base, "cpu") if o.method == "activation" and plan.alignment is None else None
-    maps, res = _maps_for(plan, base, target, pairing, ui, data)
-    if res is not None and res.pairing is not None:
-        pairing = res.pairing
+    alignment, _ = _alignment_for(plan, base, target, pairing, ui, data)
     meta = {"created_by": "hetmerge merge", "base": str(plan.base.weights), "target": str(plan.target.weights),
             "lam": json.dumps(o.lam), "fill": o.fill}
     t0 = time.perf_counter()
     if streamable:
-        items = {}
-        for pp in pairing.params:
-            rows, cols = transform(pp, maps)
-            items[pp.base_key] = (pp.target_key, rows.cpu(), None if cols is None else cols.cpu(),
-                                  _layer_lam(o.lam, pp.layer))
+        items = merge_items(alignment.pairing, alignment.maps, o.lam)
         lb = LazyState(plan.base.weights, plan.base.key_prefix, plan.base.sub_key)
         lt = LazyState(plan.target.weights, plan.target.key_prefix, plan.target.sub_key)
         bar = ui.bar(total=lb.nbytes, desc="merge", unit="B", unit_scale=True)
@@ -626,13 +579,10 @@ def cmd_merge(args, ui: UI) -> int:
         import warnings
 
         import hetmerge as hm
-        from .alignment import Alignment
-
-        r = res or Alignment(pairing, maps)
         bar = ui.bar(total=1, desc="merge", unit="model")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            merged = hm.merge(base, target, r, lam=o.lam, fill=o.fill)
+            merged = hm.merge(base, target, alignment, lam=o.lam, fill=o.fill)
         save_state({k: v for k, v in merged.state_dict().items()}, out, format=fmt,
                    metadata=meta if fmt == "safetensors" else None)
         bar.update(1)
@@ -651,7 +601,6 @@ def cmd_sweep(args, ui: UI) -> int:
     import hetmerge as hm
 
     from . import report as R
-    from .alignment import Alignment
     from .checkpoint import atomic_dir, check_replaceable_dir
 
     plan = _plan_from_args(args)
@@ -672,8 +621,7 @@ def cmd_sweep(args, ui: UI) -> int:
         ui.warn(w)
     data = _eval_data(o.data, base, dev)
     tdata = _eval_data(o.target_data, base, dev, "target_data")
-    maps, res = _maps_for(plan, base, target, pairing, ui, data)
-    alignment = res.alignment if res is not None else Alignment(pairing, maps)
+    alignment, res = _alignment_for(plan, base, target, pairing, ui, data)
     trace = list(res.trace) if res is not None else []   # empty when the maps came from a file
     lam = _lambdas(o)
     curves = {}

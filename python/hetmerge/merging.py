@@ -33,7 +33,7 @@ class MergeItem:
     base_key: str
     target_key: str
     layer: str
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     cols: torch.Tensor | None
     lam: float
 
@@ -94,16 +94,19 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
     else:
         i0, i1 = row_range
         a = _rows(base, item.base_key, i0, i1)
-        rows = item.rows[i0:i1]
-        used = rows[rows >= 0]
-        b = _gather(target, item.target_key, used)
-        # renumber: the block's map points into the gathered rows
-        local = torch.full_like(rows, -1)
-        local[rows >= 0] = torch.arange(len(used), dtype=rows.dtype, device=rows.device)
-        rows = local
+        if item.rows is None:   # axis 0 is not permuted (same size): the same rows of the target
+            b, rows = _rows(target, item.target_key, i0, i1), None
+        else:                   # gather just the target rows this block uses, renumbered
+            rows = item.rows[i0:i1]
+            used = rows[rows >= 0]
+            b = _gather(target, item.target_key, used)
+            local = torch.full_like(rows, -1)
+            local[rows >= 0] = torch.arange(len(used), dtype=rows.dtype, device=rows.device)
+            rows = local
     lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, a.dtype).to(a.device)
+    rows = None if rows is None else rows.to(a.device)
     cols = None if item.cols is None else item.cols.to(a.device)
-    return ops.interpolate(a, b, lam, rows.to(a.device), cols, fill=fill)
+    return ops.interpolate(a, b, lam, rows, cols, fill=fill)
 
 
 def _rows(source, key: str, i0: int, i1: int) -> torch.Tensor:
