@@ -1,0 +1,158 @@
+"""Transformer permutation specs from config + key names: invariance, exact recovery, merges.
+
+A planted permutation of the residual stream and of every block's MLP units must leave the model's
+outputs unchanged (this validates the spec: a tensor missing from a group breaks it), and weight
+matching must find it again (maps = argsort of the planted permutation; merging at λ = 1 gives the
+original's outputs).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hetmerge as hm
+from hetmerge.hf import HFState
+from hetmerge.hf_merge import merge_hf
+from hetmerge.spec import SpecError, permute_state
+from hetmerge.transformer_spec import RESIDUAL, AlignView, canonical_state, transformer_spec
+from hf_models import build, outputs
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert", "vit"]
+
+
+def _planted(spec, seed=5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randperm(n, generator=g) for name, n in spec.sizes.items()}
+
+
+def _permuted(view: AlignView, spec, perms) -> AlignView:
+    out = copy.deepcopy(view)
+    out.load_state_dict(permute_state(spec, view.state_dict(), perms))
+    return out
+
+
+def _expected(model, inputs, family, perm_res):
+    """Outputs a residual-permuted model must give: BertModel returns the residual stream itself
+    (last_hidden_state), whose units come out in the permuted order; everything else is unchanged."""
+    y = outputs(model, inputs)
+    if family != "bert":
+        return y
+    d = len(perm_res)
+    h = y[:, :-d].reshape(y.shape[0], -1, d)[..., perm_res].reshape(y.shape[0], -1)
+    return torch.cat([h, y[:, -d:]], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_permutation_is_invariant_and_recovered(family):
+    model, inputs = build(family)
+    view = AlignView(model)
+    spec = transformer_spec(view)
+    assert spec.sizes[RESIDUAL] == model.config.hidden_size
+    mlp = [g for g in spec.sizes if g != RESIDUAL]
+    assert len(mlp) == model.config.num_hidden_layers
+    width = 4 * model.config.n_embd if family == "gpt2" else model.config.intermediate_size
+    assert all(spec.sizes[g] == width for g in mlp)
+    perms = _planted(spec)
+    pv = _permuted(view, spec, perms)
+    assert not torch.equal(pv.state_dict()[spec.groups[RESIDUAL][0][0]],
+                           view.state_dict()[spec.groups[RESIDUAL][0][0]])
+    y0 = outputs(model, inputs)
+    torch.testing.assert_close(outputs(pv.model, inputs), _expected(model, inputs, family, perms[RESIDUAL]),
+                               rtol=1e-5, atol=1e-5)
+
+    res = hm.align(view, pv, base_spec=spec, target_spec=transformer_spec(pv))
+    for g, p in perms.items():
+        assert torch.equal(res.maps[g], torch.argsort(p)), g
+    merged = hm.merge(view, pv, res, lam=1.0)
+    assert isinstance(merged, AlignView) and merged.model is not model
+    torch.testing.assert_close(outputs(merged.model, inputs), y0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs(model, inputs), y0)     # inputs untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tied_embedding_is_one_tensor(family):
+    model, inputs = build(family, tied=True)
+    view = AlignView(model)
+    assert "lm_head.weight" in model.state_dict() and "lm_head.weight" not in view.state_dict()
+    spec = transformer_spec(view)
+    keys = [k for k, _ in spec.groups[RESIDUAL]]
+    assert "lm_head.weight" not in keys and len(keys) == len(set(keys))
+    perms = _planted(spec, seed=9)
+    pv = _permuted(view, spec, perms)
+    assert pv.model.lm_head.weight is pv.model.get_input_embeddings().weight   # still tied
+    torch.testing.assert_close(outputs(pv.model, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_untied_head_joins_the_residual_stream():
+    model, inputs = build("llama", tied=False)
+    spec = transformer_spec(AlignView(model))
+    assert ("lm_head.weight", 1) in spec.groups[RESIDUAL]
+    pv = _permuted(AlignView(model), spec, _planted(spec))
+    torch.testing.assert_close(outputs(pv.model, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_of_two_random_inits(family):
+    a, inputs = build(family, seed=0)
+    b, _ = build(family, seed=1)
+    va, vb = AlignView(a), AlignView(b)
+    sa_spec, sb_spec = transformer_spec(va), transformer_spec(vb)
+    res = hm.align(va, vb, base_spec=sa_spec, target_spec=sb_spec)
+    assert res.trace[-1] >= res.trace[0]
+    for g, n in sa_spec.sizes.items():
+        assert sorted(res.maps[g].tolist()) == list(range(n)), g     # same sizes: permutations
+    lam = 0.3
+    merged = hm.merge(va, vb, res, lam=lam)
+    # reference: the target permuted whole by permute_state, then (1 - λ)·A + λ·B~
+    sb = permute_state(sb_spec, vb.state_dict(), {g: res.maps[g] for g in sb_spec.sizes})
+    sa, sm = va.state_dict(), merged.state_dict()
+    for k, v in sa.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(sm[k], (1 - lam) * v + lam * sb[k], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(outputs(merged.model, inputs)).all()
+    torch.testing.assert_close(outputs(hm.merge(va, vb, res, lam=0.0).model, inputs), outputs(a, inputs))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_directory_merge_matches_module_merge(tmp_path, family):
+    a, inputs = build(family, seed=0)
+    b, _ = build(family, seed=1)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b", max_shard_size="16KB")
+    va, vb = AlignView(a), AlignView(b)
+    res = hm.align(va, vb, base_spec=transformer_spec(va), target_spec=transformer_spec(vb))
+    out = merge_hf(tmp_path / "a", tmp_path / "b", tmp_path / "m", lam=0.4, res=res, max_shard_size="20KB")
+    back = type(a).from_pretrained(out).eval()
+    torch.testing.assert_close(outputs(back, inputs), outputs(hm.merge(va, vb, res, lam=0.4).model, inputs),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_spec_from_directory_equals_spec_from_module(tmp_path):
+    model, _ = build("vit")
+    model.save_pretrained(tmp_path / "v")
+    st = HFState(tmp_path / "v")
+    spec = transformer_spec(st)    # transformers 5 stores ViT under 4.x names: both are covered
+    mspec = transformer_spec(AlignView(model))     # group names follow the key names
+    assert sorted(spec.sizes.values()) == sorted(mspec.sizes.values())
+    assert len(spec.groups[RESIDUAL]) == len(mspec.groups[RESIDUAL])
+    cs = canonical_state(st.config, st)
+    assert tuple(cs["vit.embeddings.position_embeddings"].shape) == (5, 24)
+    assert tuple(cs.restore("vit.embeddings.position_embeddings",
+                            cs["vit.embeddings.position_embeddings"]).shape) == (1, 5, 24)
+
+
+def test_unknown_family_and_unknown_key_are_named():
+    model, _ = build("llama")
+    sd = dict(model.state_dict())
+    cfg = model.config.to_dict()
+    with pytest.raises(SpecError, match="'t5' is not supported"):
+        transformer_spec(sd, dict(cfg, model_type="t5"))
+    sd["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(3, 24)
+    with pytest.raises(SpecError, match="extra_proj"):
+        transformer_spec(sd, cfg)
+    with pytest.raises(SpecError, match="config="):
+        transformer_spec({"w": torch.zeros(2)})
+    with pytest.raises(TypeError, match="nn.Module"):
+        AlignView(sd)
