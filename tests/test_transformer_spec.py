@@ -16,7 +16,8 @@ import hetmerge as hm
 from hetmerge.hf import HFState
 from hetmerge.hf_merge import merge_hf
 from hetmerge.spec import SpecError, permute_state
-from hetmerge.transformer_spec import RESIDUAL, AlignView, canonical_state, transformer_spec
+from hetmerge.transformer_spec import (RESIDUAL, AlignView, canonical_state, layer_map_by_name,
+                                       transformer_spec)
 from hf_models import build, outputs
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert", "vit"]
@@ -62,7 +63,8 @@ def test_planted_permutation_is_invariant_and_recovered(family):
     torch.testing.assert_close(outputs(pv.model, inputs), _expected(model, inputs, family, perms[RESIDUAL]),
                                rtol=1e-5, atol=1e-5)
 
-    res = hm.align(view, pv, base_spec=spec, target_spec=transformer_spec(pv))
+    pspec = transformer_spec(pv)
+    res = hm.align(view, pv, base_spec=spec, target_spec=pspec, layer_map=layer_map_by_name(spec, pspec))
     for g, p in perms.items():
         assert torch.equal(res.maps[g], torch.argsort(p)), g
     merged = hm.merge(view, pv, res, lam=1.0)
@@ -99,7 +101,8 @@ def test_merge_of_two_random_inits(family):
     b, _ = build(family, seed=1)
     va, vb = AlignView(a), AlignView(b)
     sa_spec, sb_spec = transformer_spec(va), transformer_spec(vb)
-    res = hm.align(va, vb, base_spec=sa_spec, target_spec=sb_spec)
+    res = hm.align(va, vb, base_spec=sa_spec, target_spec=sb_spec,
+                   layer_map=layer_map_by_name(sa_spec, sb_spec))
     assert res.trace[-1] >= res.trace[0]
     for g, n in sa_spec.sizes.items():
         assert sorted(res.maps[g].tolist()) == list(range(n)), g     # same sizes: permutations
@@ -122,7 +125,8 @@ def test_directory_merge_matches_module_merge(tmp_path, family):
     a.save_pretrained(tmp_path / "a")
     b.save_pretrained(tmp_path / "b", max_shard_size="16KB")
     va, vb = AlignView(a), AlignView(b)
-    res = hm.align(va, vb, base_spec=transformer_spec(va), target_spec=transformer_spec(vb))
+    sa, sb = transformer_spec(va), transformer_spec(vb)
+    res = hm.align(va, vb, base_spec=sa, target_spec=sb, layer_map=layer_map_by_name(sa, sb))
     out = merge_hf(tmp_path / "a", tmp_path / "b", tmp_path / "m", lam=0.4, res=res, max_shard_size="20KB")
     back = type(a).from_pretrained(out).eval()
     torch.testing.assert_close(outputs(back, inputs), outputs(hm.merge(va, vb, res, lam=0.4).model, inputs),
@@ -141,6 +145,21 @@ def test_spec_from_directory_equals_spec_from_module(tmp_path):
     assert tuple(cs["vit.embeddings.position_embeddings"].shape) == (5, 24)
     assert tuple(cs.restore("vit.embeddings.position_embeddings",
                             cs["vit.embeddings.position_embeddings"]).shape) == (1, 5, 24)
+
+
+def test_layers_pair_by_name_whatever_the_storage_order(tmp_path):
+    # regression: a sharded directory lists tensors in another order than a single file, and the
+    # default layer map (by order and kind) paired mlp.up_proj with the other model's o_proj
+    model, _ = build("llama", tied=False)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "many", max_shard_size="16KB")
+    one, many = HFState(tmp_path / "one"), HFState(tmp_path / "many")
+    assert list(one) != list(many)
+    s1, s2 = transformer_spec(one), transformer_spec(many)
+    assert [l.name for l in s1.layers] == [l.name for l in s2.layers]
+    assert [l.name for l in s1.layers][:3] == ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm"]
+    lmap = layer_map_by_name(s1, s2)
+    assert lmap == {l.name: l.name for l in s1.layers}
 
 
 def test_unknown_family_and_unknown_key_are_named():

@@ -17,7 +17,8 @@ from . import ops
 from .hf import HFError, HFState, save_hf
 from .methods import transform
 from .spec import pair_specs
-from .transformer_spec import CanonicalState, canonical_state, model_type, transformer_spec
+from .transformer_spec import (CanonicalState, canonical_state, layer_map_by_name, model_type,
+                               transformer_spec)
 
 __all__ = ["merge_hf", "MergedState"]
 
@@ -62,8 +63,8 @@ def merge_hf(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir
 
     lam: merging factor (0 = base, 1 = aligned target).
     res: AlignResult of hm.align on ``AlignView``s of the two models (its pairing names canonical
-      keys, which these directories share), or None: identity alignment (maps by position,
-      i.e. a plain linear merge (1 - λ)·base + λ·target for same-size models).
+      keys, which these directories must share), or None: identity alignment (same-named layers
+      paired, maps by position: a plain linear merge (1 - λ)·base + λ·target for same-size models).
     fill, max_shard_size, dtype, overwrite: as in hm.merge and hf.save_hf (dtype None = the base's).
     """
     if fill not in ("zero", "base"):
@@ -76,7 +77,8 @@ def merge_hf(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir
         raise HFError(f"{target_dir}: model_type {mt!r} differs from the base's {mb!r}")
     cb, ct = canonical_state(base.config, base), canonical_state(target.config, target)
     if res is None:
-        pairing = pair_specs(cb, ct, transformer_spec(cb, base.config), transformer_spec(ct, target.config))
+        sa, sb = transformer_spec(cb, base.config), transformer_spec(ct, target.config)
+        pairing = pair_specs(cb, ct, sa, sb, layer_map_by_name(sa, sb))
         maps = pairing.position_maps()
     else:
         if getattr(res, "pairing", None) is None:

@@ -23,7 +23,8 @@ twice. ``AlignView(model)`` shows a transformers module through that canonical s
 ``hm.align`` / ``hm.merge`` (which take nn.Modules) run on it:
 
     va, vb = AlignView(model_a), AlignView(model_b)
-    res = hm.align(va, vb, base_spec=transformer_spec(va), target_spec=transformer_spec(vb))
+    sa, sb = transformer_spec(va), transformer_spec(vb)
+    res = hm.align(va, vb, base_spec=sa, target_spec=sb, layer_map=layer_map_by_name(sa, sb))
     merged = hm.merge(va, vb, res, lam=0.5).model
 
 New families are one entry in ``FAMILIES`` (model_type -> rule table); a key no rule covers raises
@@ -40,7 +41,7 @@ import torch.nn as nn
 
 from .spec import Layer, PermSpec, SpecError
 
-__all__ = ["FAMILIES", "RESIDUAL", "transformer_spec", "canonical_state", "CanonicalState",
+__all__ = ["FAMILIES", "RESIDUAL", "transformer_spec", "layer_map_by_name", "canonical_state", "CanonicalState",
            "AlignView", "tied_aliases", "model_type"]
 
 RESIDUAL = "residual"
@@ -292,5 +293,24 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
             modules.setdefault(prefix, {})[local] = key
     if RESIDUAL not in groups:
         raise SpecError(f"transformer_spec: no residual-stream tensor found for {mt!r}")
-    layers = [Layer(name, params) for name, params in modules.items()]
+    # storage order differs between a module, a single file and shards: sort names naturally
+    # (block indices as numbers) so that every source of the same model gives the same layer list
+    layers = [Layer(name, modules[name]) for name in sorted(modules, key=_natural)]
     return PermSpec.from_groups(state, groups, layers=layers)
+
+
+def _natural(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def layer_map_by_name(base_spec: PermSpec, target_spec: PermSpec) -> dict[str, str]:
+    """{layer: same-named layer} for two specs of one architecture family; the layer_map to pass to
+    hm.align / pair_specs (the default pairs layers by order and kind, which suits MLPs and CNNs,
+    not blocks whose q/k/v/o and MLP layers differ only by name). Base layers the target lacks are
+    left out (they keep the base's weights)."""
+    names = {l.name for l in target_spec.layers}
+    out = {l.name: l.name for l in base_spec.layers if l.name in names}
+    if not out:
+        raise SpecError("layer_map_by_name: the two specs share no layer name (different families or "
+                        "key naming); pass an explicit layer_map")
+    return out
