@@ -152,6 +152,10 @@ def test_bad_directories_name_the_problem(tmp_path):
     (d / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(HFError, match="extra.weight"):
         HFState(d)
+    index["weight_map"] = {k: "../x.safetensors" for k in index["weight_map"]}
+    (d / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(HFError, match="not a file name inside"):
+        HFState(d)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(HFError, match="config.json"):
@@ -176,3 +180,38 @@ def test_parse_size():
     for bad in ("", "5XB", -1, 0, "GB", 1.5, True):
         with pytest.raises(HFError, match="max_shard_size"):
             parse_size(bad)
+
+
+class _Counting(dict):
+    """A lazy state that builds each tensor on request and records how many are alive at once."""
+
+    def __init__(self, shapes):
+        super().__init__({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        self.alive, self.peak, self.order = 0, 0, []
+
+    def meta(self):
+        return dict(self.items())
+
+    def __getitem__(self, key):
+        import weakref
+
+        t = torch.full(super().__getitem__(key).shape, float(len(self.order)))
+        self.order.append(key)
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(t, self._dead)
+        return t
+
+    def _dead(self):
+        self.alive -= 1
+
+
+def test_save_hf_streams_one_tensor_at_a_time(tmp_path):
+    shapes = {f"layer{i}.weight": (64, 32) for i in range(12)}
+    state = _Counting(shapes)
+    out = save_hf(tmp_path / "out", state, config={"model_type": "none"}, max_shard_size="20KB")
+    assert state.order == list(shapes) and state.peak == 1
+    st = HFState(out)
+    assert len(st.shards) == 6
+    for i, k in enumerate(shapes):
+        assert torch.equal(st[k], torch.full((64, 32), float(i))), k

@@ -175,3 +175,27 @@ def test_unknown_family_and_unknown_key_are_named():
         transformer_spec({"w": torch.zeros(2)})
     with pytest.raises(TypeError, match="nn.Module"):
         AlignView(sd)
+    with pytest.raises(TypeError, match="AlignView"):
+        transformer_spec(model)
+
+
+def test_merge_hf_bad_inputs_are_named(tmp_path):
+    a, _ = build("llama")
+    g, _ = build("gpt2")
+    a.save_pretrained(tmp_path / "a")
+    g.save_pretrained(tmp_path / "g")
+    with pytest.raises(ValueError, match="model_type 'gpt2' differs"):
+        merge_hf(tmp_path / "a", tmp_path / "g", tmp_path / "o")
+    with pytest.raises(ValueError, match="fill"):
+        merge_hf(tmp_path / "a", tmp_path / "a", tmp_path / "o", fill="mean")
+    with pytest.raises(ValueError, match="res"):
+        merge_hf(tmp_path / "a", tmp_path / "a", tmp_path / "o", res=object())
+    # an alignment of other models (ViT module keys) names the keys it cannot find
+    v, _ = build("vit")
+    vv = AlignView(v)
+    sv = transformer_spec(vv)
+    res = hm.align(vv, vv, base_spec=sv, target_spec=sv, layer_map=layer_map_by_name(sv, sv), max_iter=1)
+    v.save_pretrained(tmp_path / "v")
+    with pytest.raises(ValueError, match="vit.layers.0"):
+        merge_hf(tmp_path / "v", tmp_path / "v", tmp_path / "o", res=res)
+    assert not (tmp_path / "o").exists()

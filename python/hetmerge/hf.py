@@ -90,7 +90,9 @@ class HFState(Mapping):
         self._where: dict[str, LazyState] = {}
         for name in files:
             f = self.path / name
-            if Path(name).name != name or not f.is_file():
+            if Path(name).name != name:    # an index may only name files of its own folder
+                raise HFError(f"{index}: shard {name!r} is not a file name inside {self.path}")
+            if not f.is_file():
                 raise HFError(f"{index}: shard {name!r} is missing from {self.path}")
             shard = LazyState(f)
             self.shards[name] = shard

@@ -256,16 +256,20 @@ def _rule(rules, key: str):
 def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any = None) -> PermSpec:
     """PermSpec of a Hugging Face transformer from its config's model_type and its key names.
 
-    model: an AlignView (or a transformers module, viewed through AlignView), or a {key: tensor}
+    model: an AlignView of a transformers module, or a {key: tensor}
       state (HFState, a state dict; canonicalized here, so ViT's [1, n, d] tensors are seen as
       [n, d] -- pass the same canonical state to whatever uses the spec).
     config: the model's config (dict or PretrainedConfig); read from the module when omitted.
     Layers are the modules (key prefixes) in state order, each with its tensors by local name.
     """
-    if isinstance(model, nn.Module):
-        view = model if isinstance(model, AlignView) else AlignView(model, config)
-        config = config if config is not None else view.config
-        state = view.state_dict(keep_vars=True)
+    if isinstance(model, AlignView):
+        config = config if config is not None else model.config
+        state = model.state_dict(keep_vars=True)
+    elif isinstance(model, nn.Module):
+        # the spec names canonical keys: given to hm.align/merge with the bare module, a tied
+        # head alias would be left unpaired and hm.merge would load the base's head over the merge
+        raise TypeError("transformer_spec: wrap the transformers module as AlignView(model) and pass "
+                        "that view both here and to hm.align / hm.merge")
     elif isinstance(model, Mapping):
         if config is None:
             config = getattr(model, "config", None)
