@@ -3,6 +3,7 @@ tiny Llama directories equals mergekit's ``linear`` merge with weights 0.7 / 0.3
 
 mergekit runs in-process through its Python API (``run_merge``), offline, on CPU: the models are
 local directories, and the model card (the only step that calls the Hub) is turned off.
+Also here: merge_hf's dtype handling against a float64 reference.
 """
 from __future__ import annotations
 
@@ -71,3 +72,18 @@ def test_bf16_linear_merge_matches_mergekit(tmp_path, monkeypatch):
         err = (ours[k].double() - ref).abs()
         assert (err <= ref.abs() * 2.0**-8 + 1e-30).all(), k
         torch.testing.assert_close(ours[k], theirs[k], rtol=2.0**-7, atol=1e-6)
+
+
+def test_mixed_precision_merge_rounds_once_to_the_base_dtype(tmp_path):
+    # regression: a bfloat16 base with a float32 target made ops.interpolate refuse the pair
+    a, _ = build("llama", seed=0, tied=False)
+    b, _ = build("llama", seed=1, tied=False)
+    a.to(torch.bfloat16).save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    lam = 0.3
+    ours = HFState(merge_hf(tmp_path / "a", tmp_path / "b", tmp_path / "ours", lam=lam))
+    sa, sb = HFState(tmp_path / "a"), HFState(tmp_path / "b")
+    for k in ours:
+        assert ours[k].dtype == torch.bfloat16, k
+        ref = ((1 - lam) * sa[k].double() + lam * sb[k].double()).to(torch.bfloat16)
+        torch.testing.assert_close(ours[k], ref, rtol=2.0**-7, atol=1e-30)   # one bf16 ulp

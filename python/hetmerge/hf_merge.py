@@ -41,10 +41,14 @@ class MergedState(Mapping):
         if pp is None or self.lam == 0.0 or not a.is_floating_point():
             return self.base.restore(key, a)
         rows, cols = transform(pp, self.maps)
+        b = self.target[pp.target_key]
+        # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and
+        # round once to the base's, rather than rounding the target first
+        wide = torch.promote_types(a.dtype, b.dtype)
         # λ in float32 for low-precision weights: the kernel accumulates in float32 anyway
-        lam = torch.tensor([self.lam], dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
-        out = ops.interpolate(a, self.target[pp.target_key], lam, rows, cols, fill=self.fill)[0]
-        return self.base.restore(key, out)
+        lam = torch.tensor([self.lam], dtype=torch.float64 if wide == torch.float64 else torch.float32)
+        out = ops.interpolate(a.to(wide), b.to(wide), lam, rows, cols, fill=self.fill)[0]
+        return self.base.restore(key, out.to(a.dtype))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base.shapes)
