@@ -78,6 +78,7 @@ def test_written_directory_loads_with_from_pretrained(tmp_path, family):
     back = type(model).from_pretrained(out).eval()
     assert torch.equal(outputs(back, inputs), outputs(model, inputs))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert out.stat().st_mode & 0o777 == src.stat().st_mode & 0o777    # not mkdtemp's 0700
 
 
 def test_written_single_file_and_dtype(tmp_path):

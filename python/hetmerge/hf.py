@@ -231,6 +231,9 @@ def save_hf(folder: str | os.PathLike, state: Mapping[str, torch.Tensor],
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)   # mkdtemp makes 0700; the result is an ordinary folder
         weight_map, total = {}, 0
         for name, shard in zip(names, shards):
             # "format": "pt" is what transformers expects in a safetensors header
