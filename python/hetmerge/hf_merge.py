@@ -1,0 +1,96 @@
+"""Merge two Hugging Face model directories into a third, streamed tensor by tensor.
+
+``merge_hf(base_dir, target_dir, out_dir, lam, res)``: every paired tensor becomes
+``ops.interpolate(base, target, [λ], maps, fill)`` (the same formula as ``hm.merge``), every other
+tensor is the base's; the output is written by ``hf.save_hf`` (sharded, atomic, base config and
+tokenizer files), each merged tensor computed only when the writer asks for it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from . import ops
+from .hf import HFError, HFState, save_hf
+from .methods import transform
+from .spec import pair_specs
+from .transformer_spec import (CanonicalState, canonical_state, layer_map_by_name, model_type,
+                               transformer_spec)
+
+__all__ = ["merge_hf", "MergedState"]
+
+
+class MergedState(Mapping):
+    """Lazy {base key: merged tensor} over two canonical states; each tensor computed on access."""
+
+    def __init__(self, base: CanonicalState, target: CanonicalState, pairing, maps, lam: float,
+                 fill: str = "zero"):
+        self.base, self.target = base, target
+        self.maps, self.lam, self.fill = maps, float(lam), fill
+        self.params = {pp.base_key: pp for pp in pairing.params}
+        missing = [pp.target_key for pp in pairing.params if pp.target_key not in target]
+        if missing:
+            raise HFError(f"target: no tensor(s) {missing[:3]} named by the alignment")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        a = self.base[key]
+        pp = self.params.get(key)
+        if pp is None or self.lam == 0.0 or not a.is_floating_point():
+            return self.base.restore(key, a)
+        rows, cols = transform(pp, self.maps)
+        b = self.target[pp.target_key]
+        # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and
+        # round once to the base's, rather than rounding the target first
+        wide = torch.promote_types(a.dtype, b.dtype)
+        # λ in float32 for low-precision weights: the kernel accumulates in float32 anyway
+        lam = torch.tensor([self.lam], dtype=torch.float64 if wide == torch.float64 else torch.float32)
+        out = ops.interpolate(a.to(wide), b.to(wide), lam, rows, cols, fill=self.fill)[0]
+        return self.base.restore(key, out.to(a.dtype))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base.shapes)
+
+    def __len__(self) -> int:
+        return len(self.base.shapes)
+
+    def meta(self):
+        return self.base.state.meta()
+
+
+def merge_hf(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             lam: float = 0.5, res=None, fill: str = "zero", max_shard_size: int | str = "5GB",
+             dtype: torch.dtype | None = None, overwrite: bool = False, progress=None) -> Path:
+    """Merge `target_dir` into `base_dir` and write a Hugging Face directory at `out_dir`.
+
+    lam: merging factor (0 = base, 1 = aligned target).
+    res: AlignResult of hm.align on ``AlignView``s of the two models (its pairing names canonical
+      keys, which these directories must share), or None: identity alignment (same-named layers
+      paired, maps by position: a plain linear merge (1 - λ)·base + λ·target for same-size models).
+    fill, max_shard_size, dtype, overwrite: as in hm.merge and hf.save_hf (dtype None = the base's).
+    """
+    if fill not in ("zero", "base"):
+        raise ValueError(f"fill: expected 'zero' or 'base', got {fill!r}")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
+        raise TypeError(f"lam: expected a float, got {type(lam).__name__}")
+    base, target = HFState(base_dir), HFState(target_dir)
+    mb, mt = model_type(base.config), model_type(target.config)
+    if mb != mt:
+        raise HFError(f"{target_dir}: model_type {mt!r} differs from the base's {mb!r}")
+    cb, ct = canonical_state(base.config, base), canonical_state(target.config, target)
+    if res is None:
+        sa, sb = transformer_spec(cb, base.config), transformer_spec(ct, target.config)
+        pairing = pair_specs(cb, ct, sa, sb, layer_map_by_name(sa, sb))
+        maps = pairing.position_maps()
+    else:
+        if getattr(res, "pairing", None) is None:
+            raise ValueError("res: expected an AlignResult from hm.align (or None for identity maps)")
+        pairing, maps = res.pairing, res.maps
+        unknown = [pp.base_key for pp in pairing.params if pp.base_key not in cb]
+        if unknown:
+            raise HFError(f"{base_dir}: no tensor(s) {unknown[:3]} named by the alignment")
+    merged = MergedState(cb, ct, pairing, maps, lam, fill)
+    return save_hf(out_dir, merged, base_dir=base_dir, max_shard_size=max_shard_size, dtype=dtype,
+                   overwrite=overwrite, progress=progress)

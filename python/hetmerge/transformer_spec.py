@@ -1,0 +1,320 @@
+"""Permutation spec of a Hugging Face transformer, from its config and key names (no torch.fx, no model).
+
+Covered in this step (Llama / Mistral / Qwen2, GPT-2, BERT, ViT):
+
+- the residual stream: ONE group, "residual", shared by every block: token/position/type embeddings
+  (columns), ViT's cls/mask token, position embeddings and patch-embedding output, every norm's
+  weight and bias, the inputs of q/k/v (GPT-2: the fused ``c_attn``) and of the MLP's up/gate, the
+  outputs of the attention output projection and of the MLP's down projection (with their biases),
+  the final norm, and the input of the LM / classification / pooler head;
+- the MLP hidden units of each block: one group "<block>.mlp"; up and gate (SwiGLU) rows move together,
+  down's input columns follow.
+
+Attention internals are NOT permuted yet: q/k/v rows and the output projection's columns (per-head
+Q/K and V/O maps, RoPE, GQA) keep their order (axes no group lists are fixed, paired by position);
+they come in a later step. Vocabulary, class and pooler-output axes are fixed too.
+
+Conventions. A transformers ``Conv1D`` (GPT-2) stores its weight as [in, out], so its input axis is
+axis 0. Tensors whose hidden axis is not axis 0 or 1 (ViT's ``cls_token`` [1, 1, d] and
+``position_embeddings`` [1, n, d]) are seen as 2-D views [n, d] (``canonical_state``), since a spec
+permutes axes 0 and 1 only. Tied weights (an LM head sharing the embedding) are one tensor: the
+alias is not in the canonical state, so it is neither counted twice by weight matching nor merged
+twice. ``AlignView(model)`` shows a transformers module through that canonical state, which is how
+``hm.align`` / ``hm.merge`` (which take nn.Modules) run on it:
+
+    va, vb = AlignView(model_a), AlignView(model_b)
+    sa, sb = transformer_spec(va), transformer_spec(vb)
+    res = hm.align(va, vb, base_spec=sa, target_spec=sb, layer_map=layer_map_by_name(sa, sb))
+    merged = hm.merge(va, vb, res, lam=0.5).model
+
+New families are one entry in ``FAMILIES`` (model_type -> rule table); a key no rule covers raises
+SpecError naming it, so an unknown head never silently escapes the residual stream.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from .spec import Layer, PermSpec, SpecError
+
+__all__ = ["FAMILIES", "RESIDUAL", "transformer_spec", "layer_map_by_name", "canonical_state", "CanonicalState",
+           "AlignView", "tied_aliases", "model_type"]
+
+RESIDUAL = "residual"
+
+# A rule: (regex over the key, [(group, axis), ...]). "{L}" in a group name is the regex's "L"
+# capture (the block's prefix); an empty list means every axis of that tensor stays fixed.
+_R, _MLP = RESIDUAL, "{L}mlp"
+_LLAMA = [
+    (r"(.*\.)?embed_tokens\.weight", [(_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)(input_layernorm|post_attention_layernorm)\.weight", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[qkv]_proj\.weight", [(_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[qkv]_proj\.bias", []),          # Qwen2: head axis
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.o_proj\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.(gate|up)_proj\.weight", [(_MLP, 0), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.(gate|up)_proj\.bias", [(_MLP, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.down_proj\.weight", [(_R, 0), (_MLP, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.down_proj\.bias", [(_R, 0)]),
+    (r"(.*\.)?norm\.weight", [(_R, 0)]),
+    (r"(lm_head|score)\.weight", [(_R, 1)]),
+    (r"(lm_head|score)\.bias", []),
+]
+_GPT2 = [   # Conv1D weights are [in, out]
+    (r"(.*\.)?w[tp]e\.weight", [(_R, 1)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)ln_[12]\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.weight", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.bias", []),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.weight", [(_R, 1)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.bias", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.(masked_)?bias", []),                      # causal-mask buffers
+    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_fc\.weight", [(_R, 0), (_MLP, 1)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_fc\.bias", [(_MLP, 0)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_proj\.weight", [(_MLP, 0), (_R, 1)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_proj\.bias", [(_R, 0)]),
+    (r"(.*\.)?ln_f\.(weight|bias)", [(_R, 0)]),
+    (r"(lm_head|score)\.weight", [(_R, 1)]),
+    (r"(lm_head|score)\.bias", []),
+]
+# BERT and ViT (transformers 4.x names) share the encoder layout (post-LN in BERT, pre-LN in ViT:
+# the same groups)
+_ENCODER = [
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.weight", [(_R, 1)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.bias", []),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.output\.dense\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)intermediate\.dense\.weight", [(_MLP, 0), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)intermediate\.dense\.bias", [(_MLP, 0)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)output\.dense\.weight", [(_R, 0), (_MLP, 1)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)output\.dense\.bias", [(_R, 0)]),
+    (r"(.*\.)?pooler\.dense\.weight", [(_R, 1)]),
+    (r"(.*\.)?pooler\.dense\.bias", []),
+]
+_BERT = [
+    (r"(.*\.)?embeddings\.(word|position|token_type)_embeddings\.weight", [(_R, 1)]),
+    (r"(.*\.)?embeddings\.LayerNorm\.(weight|bias)", [(_R, 0)]),
+    (r"(.*\.)?embeddings\.position_ids", []),
+    (r"(.*\.)?embeddings\.token_type_ids", []),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)(attention\.)?output\.LayerNorm\.(weight|bias)", [(_R, 0)]),
+    *_ENCODER,
+    (r"classifier\.(weight|bias)", []),          # reads the pooler's output (fixed)
+]
+_VIT = [
+    (r"(.*\.)?embeddings\.(cls_token|mask_token|position_embeddings)", [(_R, 1)]),   # 2-D views
+    (r"(.*\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layers?\.\d+\.)layernorm_(before|after)\.(weight|bias)", [(_R, 0)]),
+    (r"(.*\.)?layernorm\.(weight|bias)", [(_R, 0)]),
+    *_ENCODER,
+    # transformers >= 5 names: layers.i.attention.{q,k,v,o}_proj, layers.i.mlp.fc1/fc2
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.weight", [(_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.bias", []),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.o_proj\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc1\.weight", [(_MLP, 0), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc1\.bias", [(_MLP, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc2\.weight", [(_R, 0), (_MLP, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc2\.bias", [(_R, 0)]),
+    (r"classifier\.weight", [(_R, 1)]),          # reads the final norm's CLS token
+    (r"classifier\.bias", []),
+]
+FAMILIES: dict[str, list] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2,
+                             "bert": _BERT, "vit": _VIT}
+# tensors whose hidden axis is the last of [1, n, d]: seen as [n, d]
+_VIEWS = {"vit": re.compile(r"(.*\.)?embeddings\.(cls_token|mask_token|position_embeddings)")}
+_COMPILED = {fam: [(re.compile(rx), entries) for rx, entries in rules] for fam, rules in FAMILIES.items()}
+
+
+def model_type(config: Any) -> str:
+    """config["model_type"] of a config dict or a transformers PretrainedConfig."""
+    mt = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    if not mt:
+        raise SpecError("transformer_spec: the config has no model_type")
+    if mt not in FAMILIES:
+        raise SpecError(f"transformer_spec: model_type {mt!r} is not supported (supported: "
+                        f"{sorted(FAMILIES)}); add a rule table to transformer_spec.FAMILIES")
+    return mt
+
+
+# ---------------------------------------------------------------------------------------------
+# canonical state: 2-D views, no tied aliases
+# ---------------------------------------------------------------------------------------------
+
+def _view_shape(mt: str, key: str, shape: tuple) -> tuple | None:
+    rx = _VIEWS.get(mt)
+    if rx is None or not rx.fullmatch(key):
+        return None
+    if len(shape) != 3 or shape[0] != 1:
+        raise SpecError(f"transformer_spec: {key!r} has shape {shape}, expected [1, n, hidden]")
+    return (shape[1], shape[2])
+
+
+class CanonicalState(Mapping):
+    """{key: tensor} of a raw state with the family's [1, n, d] tensors seen as [n, d] and the given
+    aliases left out; ``restore(key, t)`` gives a tensor back its stored shape."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], mt: str, aliases=()):
+        self.state = state
+        self.aliases = frozenset(aliases)
+        meta = state.meta() if hasattr(state, "meta") else state
+        self.shapes = OrderedDict((k, tuple(v.shape)) for k, v in meta.items() if k not in self.aliases)
+        self.views = {k: v for k, s in self.shapes.items() if (v := _view_shape(mt, k, s)) is not None}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.aliases:
+            raise KeyError(key)
+        t = self.state[key]
+        return t.reshape(self.views[key]) if key in self.views else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def meta(self) -> "OrderedDict[str, torch.Tensor]":
+        meta = self.state.meta() if hasattr(self.state, "meta") else self.state
+        return OrderedDict((k, torch.empty(self.views.get(k, s), dtype=meta[k].dtype, device="meta"))
+                           for k, s in self.shapes.items())
+
+    def restore(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.shapes[key])
+
+
+def canonical_state(config: Any, state: Mapping[str, torch.Tensor], aliases=()) -> CanonicalState:
+    return CanonicalState(state, model_type(config), aliases)
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias key: key it shares its tensor with} (the first name of a shared parameter is kept)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+class AlignView(nn.Module):
+    """A transformers module seen through its canonical state, for hm.align / hm.merge.
+
+    ``state_dict()`` leaves out tied aliases and shows [1, n, d] tensors as [n, d];
+    ``load_state_dict()`` takes that canonical form back (aliases follow their source). ``forward``
+    is the wrapped model's; ``.model`` is the wrapped model (after hm.merge: the merged one).
+    """
+
+    def __init__(self, model: nn.Module, config: Any = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"AlignView: expected a torch.nn.Module, got {type(model)}")
+        self.model = model
+        self.config = config if config is not None else getattr(model, "config", None)
+        if self.config is None:
+            raise SpecError("AlignView: the model has no .config; pass config=")
+        self.model_type = model_type(self.config)
+        self.aliases = tied_aliases(model)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        sd = self.model.state_dict(keep_vars=keep_vars)
+        cs = CanonicalState(sd, self.model_type, self.aliases)
+        out = OrderedDict((prefix + k, cs[k]) for k in cs)
+        if destination is not None:
+            destination.update(out)
+            return destination
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict(keep_vars=True).items()}
+        full = OrderedDict()
+        for k, v in state_dict.items():
+            if k not in shapes:
+                raise KeyError(f"AlignView.load_state_dict: unexpected key {k!r}")
+            full[k] = v.reshape(shapes[k])
+        for alias, src in self.aliases.items():
+            if src in full:
+                full[alias] = full[src]
+        return self.model.load_state_dict(full, strict=strict, assign=assign)
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec
+# ---------------------------------------------------------------------------------------------
+
+def _rule(rules, key: str):
+    for rx, entries in rules:
+        m = rx.fullmatch(key)
+        if m is not None:
+            return m, entries
+    return None, None
+
+
+def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any = None) -> PermSpec:
+    """PermSpec of a Hugging Face transformer from its config's model_type and its key names.
+
+    model: an AlignView of a transformers module, or a {key: tensor}
+      state (HFState, a state dict; canonicalized here, so ViT's [1, n, d] tensors are seen as
+      [n, d] -- pass the same canonical state to whatever uses the spec).
+    config: the model's config (dict or PretrainedConfig); read from the module when omitted.
+    Layers are the modules (key prefixes) in state order, each with its tensors by local name.
+    """
+    if isinstance(model, AlignView):
+        config = config if config is not None else model.config
+        state = model.state_dict(keep_vars=True)
+    elif isinstance(model, nn.Module):
+        # the spec names canonical keys: given to hm.align/merge with the bare module, a tied
+        # head alias would be left unpaired and hm.merge would load the base's head over the merge
+        raise TypeError("transformer_spec: wrap the transformers module as AlignView(model) and pass "
+                        "that view both here and to hm.align / hm.merge")
+    elif isinstance(model, Mapping):
+        if config is None:
+            config = getattr(model, "config", None)
+        if config is None:
+            raise SpecError("transformer_spec: a state needs config= (the model's config.json)")
+        state = model if isinstance(model, CanonicalState) else canonical_state(config, model)
+    else:
+        raise TypeError(f"transformer_spec: expected an nn.Module or a {{key: tensor}} state, got "
+                        f"{type(model)}")
+    mt = model_type(config)
+    rules = _COMPILED[mt]
+    meta = state.meta() if hasattr(state, "meta") else state
+    groups: dict[str, list[tuple[str, int]]] = OrderedDict()
+    modules: dict[str, dict[str, str]] = OrderedDict()
+    for key, t in meta.items():
+        m, entries = _rule(rules, key)
+        if m is None:
+            raise SpecError(f"transformer_spec: tensor {key!r} {tuple(t.shape)} matches no rule of the "
+                            f"{mt!r} family; add one to transformer_spec.FAMILIES[{mt!r}]")
+        for g, ax in entries:
+            name = g.replace("{L}", m.group("L")) if "{L}" in g else g
+            groups.setdefault(name, []).append((key, ax))
+        if t.is_floating_point():   # integer buffers (position ids, masks) are not merged
+            prefix, _, local = key.rpartition(".")
+            modules.setdefault(prefix, {})[local] = key
+    if RESIDUAL not in groups:
+        raise SpecError(f"transformer_spec: no residual-stream tensor found for {mt!r}")
+    # storage order differs between a module, a single file and shards: sort names naturally
+    # (block indices as numbers) so that every source of the same model gives the same layer list
+    layers = [Layer(name, modules[name]) for name in sorted(modules, key=_natural)]
+    return PermSpec.from_groups(state, groups, layers=layers)
+
+
+def _natural(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def layer_map_by_name(base_spec: PermSpec, target_spec: PermSpec) -> dict[str, str]:
+    """{layer: same-named layer} for two specs of one architecture family; the layer_map to pass to
+    hm.align / pair_specs (the default pairs layers by order and kind, which suits MLPs and CNNs,
+    not blocks whose q/k/v/o and MLP layers differ only by name). Base layers the target lacks are
+    left out (they keep the base's weights)."""
+    names = {l.name for l in target_spec.layers}
+    out = {l.name: l.name for l in base_spec.layers if l.name in names}
+    if not out:
+        raise SpecError("layer_map_by_name: the two specs share no layer name (different families or "
+                        "key naming); pass an explicit layer_map")
+    return out

@@ -1,0 +1,201 @@
+"""Transformer permutation specs from config + key names: invariance, exact recovery, merges.
+
+A planted permutation of the residual stream and of every block's MLP units must leave the model's
+outputs unchanged (this validates the spec: a tensor missing from a group breaks it), and weight
+matching must find it again (maps = argsort of the planted permutation; merging at λ = 1 gives the
+original's outputs).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hetmerge as hm
+from hetmerge.hf import HFState
+from hetmerge.hf_merge import merge_hf
+from hetmerge.spec import SpecError, permute_state
+from hetmerge.transformer_spec import (RESIDUAL, AlignView, canonical_state, layer_map_by_name,
+                                       transformer_spec)
+from hf_models import build, outputs
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert", "vit"]
+
+
+def _planted(spec, seed=5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randperm(n, generator=g) for name, n in spec.sizes.items()}
+
+
+def _permuted(view: AlignView, spec, perms) -> AlignView:
+    out = copy.deepcopy(view)
+    out.load_state_dict(permute_state(spec, view.state_dict(), perms))
+    return out
+
+
+def _expected(model, inputs, family, perm_res):
+    """Outputs a residual-permuted model must give: BertModel returns the residual stream itself
+    (last_hidden_state), whose units come out in the permuted order; everything else is unchanged."""
+    y = outputs(model, inputs)
+    if family != "bert":
+        return y
+    d = len(perm_res)
+    h = y[:, :-d].reshape(y.shape[0], -1, d)[..., perm_res].reshape(y.shape[0], -1)
+    return torch.cat([h, y[:, -d:]], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_permutation_is_invariant_and_recovered(family):
+    model, inputs = build(family)
+    view = AlignView(model)
+    spec = transformer_spec(view)
+    assert spec.sizes[RESIDUAL] == model.config.hidden_size
+    mlp = [g for g in spec.sizes if g != RESIDUAL]
+    assert len(mlp) == model.config.num_hidden_layers
+    width = 4 * model.config.n_embd if family == "gpt2" else model.config.intermediate_size
+    assert all(spec.sizes[g] == width for g in mlp)
+    perms = _planted(spec)
+    pv = _permuted(view, spec, perms)
+    assert not torch.equal(pv.state_dict()[spec.groups[RESIDUAL][0][0]],
+                           view.state_dict()[spec.groups[RESIDUAL][0][0]])
+    y0 = outputs(model, inputs)
+    torch.testing.assert_close(outputs(pv.model, inputs), _expected(model, inputs, family, perms[RESIDUAL]),
+                               rtol=1e-5, atol=1e-5)
+
+    pspec = transformer_spec(pv)
+    res = hm.align(view, pv, base_spec=spec, target_spec=pspec, layer_map=layer_map_by_name(spec, pspec))
+    for g, p in perms.items():
+        assert torch.equal(res.maps[g], torch.argsort(p)), g
+    merged = hm.merge(view, pv, res, lam=1.0)
+    assert isinstance(merged, AlignView) and merged.model is not model
+    torch.testing.assert_close(outputs(merged.model, inputs), y0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs(model, inputs), y0)     # inputs untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tied_embedding_is_one_tensor(family):
+    model, inputs = build(family, tied=True)
+    view = AlignView(model)
+    assert "lm_head.weight" in model.state_dict() and "lm_head.weight" not in view.state_dict()
+    spec = transformer_spec(view)
+    keys = [k for k, _ in spec.groups[RESIDUAL]]
+    assert "lm_head.weight" not in keys and len(keys) == len(set(keys))
+    perms = _planted(spec, seed=9)
+    pv = _permuted(view, spec, perms)
+    assert pv.model.lm_head.weight is pv.model.get_input_embeddings().weight   # still tied
+    torch.testing.assert_close(outputs(pv.model, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_untied_head_joins_the_residual_stream():
+    model, inputs = build("llama", tied=False)
+    spec = transformer_spec(AlignView(model))
+    assert ("lm_head.weight", 1) in spec.groups[RESIDUAL]
+    pv = _permuted(AlignView(model), spec, _planted(spec))
+    torch.testing.assert_close(outputs(pv.model, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_of_two_random_inits(family):
+    a, inputs = build(family, seed=0)
+    b, _ = build(family, seed=1)
+    va, vb = AlignView(a), AlignView(b)
+    sa_spec, sb_spec = transformer_spec(va), transformer_spec(vb)
+    res = hm.align(va, vb, base_spec=sa_spec, target_spec=sb_spec,
+                   layer_map=layer_map_by_name(sa_spec, sb_spec))
+    assert res.trace[-1] >= res.trace[0]
+    for g, n in sa_spec.sizes.items():
+        assert sorted(res.maps[g].tolist()) == list(range(n)), g     # same sizes: permutations
+    lam = 0.3
+    merged = hm.merge(va, vb, res, lam=lam)
+    # reference: the target permuted whole by permute_state, then (1 - λ)·A + λ·B~
+    sb = permute_state(sb_spec, vb.state_dict(), {g: res.maps[g] for g in sb_spec.sizes})
+    sa, sm = va.state_dict(), merged.state_dict()
+    for k, v in sa.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(sm[k], (1 - lam) * v + lam * sb[k], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(outputs(merged.model, inputs)).all()
+    torch.testing.assert_close(outputs(hm.merge(va, vb, res, lam=0.0).model, inputs), outputs(a, inputs))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_directory_merge_matches_module_merge(tmp_path, family):
+    a, inputs = build(family, seed=0)
+    b, _ = build(family, seed=1)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b", max_shard_size="16KB")
+    va, vb = AlignView(a), AlignView(b)
+    sa, sb = transformer_spec(va), transformer_spec(vb)
+    res = hm.align(va, vb, base_spec=sa, target_spec=sb, layer_map=layer_map_by_name(sa, sb))
+    out = merge_hf(tmp_path / "a", tmp_path / "b", tmp_path / "m", lam=0.4, res=res, max_shard_size="20KB")
+    back = type(a).from_pretrained(out).eval()
+    torch.testing.assert_close(outputs(back, inputs), outputs(hm.merge(va, vb, res, lam=0.4).model, inputs),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_spec_from_directory_equals_spec_from_module(tmp_path):
+    model, _ = build("vit")
+    model.save_pretrained(tmp_path / "v")
+    st = HFState(tmp_path / "v")
+    spec = transformer_spec(st)    # transformers 5 stores ViT under 4.x names: both are covered
+    mspec = transformer_spec(AlignView(model))     # group names follow the key names
+    assert sorted(spec.sizes.values()) == sorted(mspec.sizes.values())
+    assert len(spec.groups[RESIDUAL]) == len(mspec.groups[RESIDUAL])
+    cs = canonical_state(st.config, st)
+    assert tuple(cs["vit.embeddings.position_embeddings"].shape) == (5, 24)
+    assert tuple(cs.restore("vit.embeddings.position_embeddings",
+                            cs["vit.embeddings.position_embeddings"]).shape) == (1, 5, 24)
+
+
+def test_layers_pair_by_name_whatever_the_storage_order(tmp_path):
+    # regression: a sharded directory lists tensors in another order than a single file, and the
+    # default layer map (by order and kind) paired mlp.up_proj with the other model's o_proj
+    model, _ = build("llama", tied=False)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "many", max_shard_size="16KB")
+    one, many = HFState(tmp_path / "one"), HFState(tmp_path / "many")
+    assert list(one) != list(many)
+    s1, s2 = transformer_spec(one), transformer_spec(many)
+    assert [l.name for l in s1.layers] == [l.name for l in s2.layers]
+    assert [l.name for l in s1.layers][:3] == ["lm_head", "model.embed_tokens", "model.layers.0.input_layernorm"]
+    lmap = layer_map_by_name(s1, s2)
+    assert lmap == {l.name: l.name for l in s1.layers}
+
+
+def test_unknown_family_and_unknown_key_are_named():
+    model, _ = build("llama")
+    sd = dict(model.state_dict())
+    cfg = model.config.to_dict()
+    with pytest.raises(SpecError, match="'t5' is not supported"):
+        transformer_spec(sd, dict(cfg, model_type="t5"))
+    sd["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(3, 24)
+    with pytest.raises(SpecError, match="extra_proj"):
+        transformer_spec(sd, cfg)
+    with pytest.raises(SpecError, match="config="):
+        transformer_spec({"w": torch.zeros(2)})
+    with pytest.raises(TypeError, match="nn.Module"):
+        AlignView(sd)
+    with pytest.raises(TypeError, match="AlignView"):
+        transformer_spec(model)
+
+
+def test_merge_hf_bad_inputs_are_named(tmp_path):
+    a, _ = build("llama")
+    g, _ = build("gpt2")
+    a.save_pretrained(tmp_path / "a")
+    g.save_pretrained(tmp_path / "g")
+    with pytest.raises(ValueError, match="model_type 'gpt2' differs"):
+        merge_hf(tmp_path / "a", tmp_path / "g", tmp_path / "o")
+    with pytest.raises(ValueError, match="fill"):
+        merge_hf(tmp_path / "a", tmp_path / "a", tmp_path / "o", fill="mean")
+    with pytest.raises(ValueError, match="res"):
+        merge_hf(tmp_path / "a", tmp_path / "a", tmp_path / "o", res=object())
+    # an alignment of other models (ViT module keys) names the keys it cannot find
+    v, _ = build("vit")
+    vv = AlignView(v)
+    sv = transformer_spec(vv)
+    res = hm.align(vv, vv, base_spec=sv, target_spec=sv, layer_map=layer_map_by_name(sv, sv), max_iter=1)
+    v.save_pretrained(tmp_path / "v")
+    with pytest.raises(ValueError, match="vit.layers.0"):
+        merge_hf(tmp_path / "v", tmp_path / "v", tmp_path / "o", res=res)
+    assert not (tmp_path / "o").exists()
