@@ -15,7 +15,8 @@ import torch
 import hetmerge as hm
 from hetmerge.hf import HFState
 from hetmerge.hf_merge import merge_hf
-from hetmerge.spec import SpecError, permute_state
+from hetmerge.maps import permute_state
+from hetmerge.spec import SpecError
 from hetmerge.transformer_spec import (RESIDUAL, AlignView, canonical_state, layer_map_by_name,
                                        transformer_spec)
 from hf_models import build, outputs

@@ -94,7 +94,7 @@ class HFState(Mapping):
                 raise HFError(f"{index}: shard {name!r} is not a file name inside {self.path}")
             if not f.is_file():
                 raise HFError(f"{index}: shard {name!r} is missing from {self.path}")
-            shard = LazyState(f)
+            shard = LazyState(f, key_prefix="")   # HF keys as stored: no prefix stripping
             self.shards[name] = shard
             for k in shard.keys():
                 if k in self._where:

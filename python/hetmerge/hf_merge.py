@@ -13,9 +13,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-from . import ops
 from .hf import HFError, HFState, save_hf
-from .methods import transform
+from .merging import merge_items, merge_tensor
 from .spec import pair_specs
 from .transformer_spec import (CanonicalState, canonical_state, layer_map_by_name, model_type,
                                transformer_spec)
@@ -28,27 +27,18 @@ class MergedState(Mapping):
 
     def __init__(self, base: CanonicalState, target: CanonicalState, pairing, maps, lam: float,
                  fill: str = "zero"):
-        self.base, self.target = base, target
-        self.maps, self.lam, self.fill = maps, float(lam), fill
-        self.params = {pp.base_key: pp for pp in pairing.params}
+        self.base, self.target, self.fill = base, target, fill
+        self.items = {it.base_key: it for it in merge_items(pairing, maps, lam)}
         missing = [pp.target_key for pp in pairing.params if pp.target_key not in target]
         if missing:
             raise HFError(f"target: no tensor(s) {missing[:3]} named by the alignment")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         a = self.base[key]
-        pp = self.params.get(key)
-        if pp is None or self.lam == 0.0 or not a.is_floating_point():
+        item = self.items.get(key)
+        if item is None or not a.is_floating_point():
             return self.base.restore(key, a)
-        rows, cols = transform(pp, self.maps)
-        b = self.target[pp.target_key]
-        # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and
-        # round once to the base's, rather than rounding the target first
-        wide = torch.promote_types(a.dtype, b.dtype)
-        # λ in float32 for low-precision weights: the kernel accumulates in float32 anyway
-        lam = torch.tensor([self.lam], dtype=torch.float64 if wide == torch.float64 else torch.float32)
-        out = ops.interpolate(a.to(wide), b.to(wide), lam, rows, cols, fill=self.fill)[0]
-        return self.base.restore(key, out.to(a.dtype))
+        return self.base.restore(key, merge_tensor(item, self.base, self.target, fill=self.fill)[0])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base.shapes)

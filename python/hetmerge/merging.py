@@ -103,9 +103,15 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
             local = torch.full_like(rows, -1)
             local[rows >= 0] = torch.arange(len(used), dtype=rows.dtype, device=rows.device)
             rows = local
-    lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, a.dtype).to(a.device)
     rows = None if rows is None else rows.to(a.device)
     cols = None if item.cols is None else item.cols.to(a.device)
+    if a.dtype != b.dtype:
+        # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and
+        # round once to the base's, rather than rounding the target first
+        wide = torch.promote_types(a.dtype, b.dtype)
+        lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, wide).to(a.device)
+        return ops.interpolate(a.to(wide), b.to(wide), lam, rows, cols, fill=fill).to(a.dtype)
+    lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, a.dtype).to(a.device)
     return ops.interpolate(a, b, lam, rows, cols, fill=fill)
 
 
