@@ -154,23 +154,17 @@ HM_HD int cost_term_of_tile(const CostParams<T>& p, int64_t s, int hint) {
   return hint;
 }
 
-// Element `off` of operand `base` of term d, in the launch's type.
-HM_HD double cost_load(const CostTermDesc&, const void* base, int64_t off) {
+// Element `off` of operand `base` of term d, in the launch's type T (float16/bfloat16 upcast).
+template <typename T> HM_HD T cost_load_as(const CostTermDesc& d, const void* base, int64_t off);
+template <> HM_HD double cost_load_as<double>(const CostTermDesc&, const void* base, int64_t off) {
   return static_cast<const double*>(base)[off];
 }
-HM_HD float cost_load_f(const CostTermDesc& d, const void* base, int64_t off) {
+template <> HM_HD float cost_load_as<float>(const CostTermDesc& d, const void* base, int64_t off) {
   switch (d.storage) {
     case CostStorage::f16: return half_to_float(static_cast<const uint16_t*>(base)[off]);
     case CostStorage::bf16: return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
     default: return static_cast<const float*>(base)[off];
   }
-}
-template <typename T> HM_HD T cost_load_as(const CostTermDesc& d, const void* base, int64_t off);
-template <> HM_HD float cost_load_as<float>(const CostTermDesc& d, const void* base, int64_t off) {
-  return cost_load_f(d, base, off);
-}
-template <> HM_HD double cost_load_as<double>(const CostTermDesc& d, const void* base, int64_t off) {
-  return cost_load(d, base, off);
 }
 
 // Loads this thread's share of k-tile s of A (rows row0..) and B (rows col0..) into registers,
