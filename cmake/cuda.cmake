@@ -62,7 +62,8 @@ target_link_libraries(hetmerge_cuda_kernels PUBLIC CUDA::cudart_static hetmerge_
 
 pybind11_add_module(_cuda MODULE NO_EXTRAS
   ${CMAKE_SOURCE_DIR}/csrc/bindings/cuda_module.cpp
-  ${CMAKE_SOURCE_DIR}/csrc/bindings/dlpack_import.cpp)
+  ${CMAKE_SOURCE_DIR}/csrc/bindings/dlpack_import.cpp
+  ${CMAKE_SOURCE_DIR}/csrc/bindings/map_cache.cpp)
 target_include_directories(_cuda PRIVATE ${CMAKE_SOURCE_DIR}/csrc)
 target_compile_options(_cuda PRIVATE ${HETMERGE_CXX_FLAGS})
 target_link_libraries(_cuda PRIVATE hetmerge_cuda_kernels hetmerge_core CUDA::cudart_static)

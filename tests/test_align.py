@@ -169,3 +169,23 @@ def test_callback_reports_every_sweep_of_every_restart():
     assert [c[1] for c in best_run] == list(range(1, len(best_run) + 1))
     assert [c[2] for c in best_run] == pytest.approx(res.trace[1:])
     assert all(c[3] >= -1e-6 for c in calls)   # coordinate descent never loses objective
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_align_half_precision_models(dtype):
+    # hm.align failed on float16/bfloat16 models (cost_matrix rejected half dtypes; LLM checkpoints
+    # are bf16). On a well-separated planted permutation the half models must give the maps of the
+    # same models upcast to float32, which are the planted ones.
+    import copy
+
+    base32 = trained_mlp((96, 64), 0)
+    target32, expected = planted(base32, (80, 40))
+    base, target = copy.deepcopy(base32).to(dtype), copy.deepcopy(target32).to(dtype)
+    before = state_copy(base), state_copy(target)
+    res = hm.align(base, target)
+    res_up = hm.align(copy.deepcopy(base).float(), copy.deepcopy(target).float())
+    for grp, src in expected.items():
+        assert torch.equal(res.maps[grp], res_up.maps[grp]), grp
+        assert torch.equal(res.maps[grp], src), grp
+    assert same_state(base, before[0]) and same_state(target, before[1])
+    assert all(p.dtype == dtype for p in base.parameters())

@@ -21,7 +21,9 @@ EPS = {torch.float32: float(np.finfo(np.float32).eps), torch.float64: float(np.f
 # ---- reference ---------------------------------------------------------------------------------
 
 def _np64(x) -> np.ndarray:
-    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()  # via torch: numpy has no bfloat16
+    return np.asarray(x).astype(np.float64)
 
 
 def reference(terms):
@@ -62,23 +64,33 @@ def assert_matches(out, terms, dtype):
 LAYOUTS = ["contig", "T", "slice", "numpy", "numpy_T", "expand", "numpy_rev"]
 
 
+NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
 def operand(rng: np.random.Generator, n: int, m: int, layout: str, dtype):
-    """An [n, m] operand with the given memory layout (values are standard normal)."""
-    npdt = np.float32 if dtype == torch.float32 else np.float64
+    """An [n, m] operand with the given memory layout (values are standard normal, rounded to dtype)."""
+    npdt = np.float64 if dtype == torch.float64 else np.float32
+
+    def t(shape):  # the layout's underlying buffer, as a torch tensor of dtype
+        return torch.from_numpy(rng.standard_normal(shape).astype(npdt)).to(dtype)
+
+    def a(shape):  # ... as a numpy array (numpy has no bfloat16: bfloat16 callers use torch layouts)
+        return rng.standard_normal(shape).astype(npdt).astype(NP_DTYPE[dtype])
+
     if layout == "contig":
-        return torch.from_numpy(rng.standard_normal((n, m)).astype(npdt))
+        return t((n, m))
     if layout == "T":  # e.g. W_{l+1}.T: rows adjacent in memory
-        return torch.from_numpy(rng.standard_normal((m, n)).astype(npdt)).T
+        return t((m, n)).T
     if layout == "slice":  # both strides > 1, offset start
-        return torch.from_numpy(rng.standard_normal((2 * n + 1, 3 * m + 2)).astype(npdt))[1::2, 2::3]
+        return t((2 * n + 1, 3 * m + 2))[1::2, 2::3]
     if layout == "numpy":
-        return rng.standard_normal((n, m)).astype(npdt)
+        return a((n, m))
     if layout == "numpy_T":
-        return rng.standard_normal((m, n)).astype(npdt).T
+        return a((m, n)).T
     if layout == "expand":  # row stride 0: every row the same
-        return torch.from_numpy(rng.standard_normal((1, m)).astype(npdt)).expand(n, m)
+        return t((1, m)).expand(n, m)
     if layout == "numpy_rev":  # negative strides
-        return rng.standard_normal((n, m)).astype(npdt)[::-1, ::-1]
+        return a((n, m))[::-1, ::-1]
     raise ValueError(layout)
 
 
@@ -249,3 +261,82 @@ def test_mlp_weight_matching_case():
     terms = [(w1a, w1b, None, 1), (w2a.T, w2b.T, None, 1), (b1a[:, None], b1b[:, None], None, 1)]
     expected = w1a @ w1b.T + w2a.T @ w2b + b1a[:, None] * b1b[None, :]
     torch.testing.assert_close(hm.ops.cost_matrix(terms), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- float16 / bfloat16 inputs: float32 accumulation, float32 C ----------------------------------
+HALF = [torch.float16, torch.bfloat16]
+
+
+def upcast(terms):
+    """The same terms in float32: exact, every float16/bfloat16 value is a float32 value."""
+    def f32(x):
+        return x.float() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    return [(f32(a), f32(b), m, blk) for a, b, m, blk in terms]
+
+
+def assert_matches_upcast(out, terms):
+    # The upcast is exact, so C must be the float32 cost of the upcast inputs up to float32
+    # accumulation: the float32 bound of assert_matches, against a float64 reference.
+    assert out.dtype in (torch.float32, np.float32), out.dtype
+    assert_matches(out, upcast(terms), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("layouts", [("contig", "contig"), ("T", "slice"), ("expand", "T"), ("slice", "expand")])
+def test_half_inputs_accumulate_in_float32(dtype, layouts):
+    # hm.align on bf16/fp16 models failed: cost_matrix rejected half dtypes.
+    rng = np.random.default_rng(21)
+    la, lb = layouts
+    specs = [(70, 90, 1, 0.2, la, lb), (12, None, 9, 0.0, lb, la), (20, 15, 3, 0.4, la, "contig")]
+    for n_a, n_b in [(1, 1), (7, 17), (150, 91)]:
+        terms = make_terms(rng, n_a, n_b, specs, dtype)
+        assert_matches_upcast(hm.ops.cost_matrix(terms), terms)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_inputs_portable_path(dtype, monkeypatch):
+    monkeypatch.setenv("HETMERGE_NO_AVX2", "1")
+    rng = np.random.default_rng(22)
+    terms = make_terms(rng, 45, 38, [(300, 280, 1, 0.1, "contig", "T"), (8, 8, 4, 0.1, "T", "slice")], dtype)
+    assert_matches_upcast(hm.ops.cost_matrix(terms), terms)
+
+
+def test_float16_numpy_inputs_give_float32_numpy():
+    rng = np.random.default_rng(23)
+    terms = make_terms(rng, 30, 20, [(40, 50, 1, 0.2, "numpy", "numpy_T"), (9, 9, 1, 0.0, "numpy_rev", "numpy")],
+                       torch.float16)
+    out = hm.ops.cost_matrix(terms)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert_matches_upcast(out, terms)
+
+
+def test_half_large_k_crosses_block_boundaries():
+    # K beyond the GEMM's K-block (256) and the B slab, with a mapped row-major B (the gather path).
+    rng = np.random.default_rng(24)
+    for dtype in HALF:
+        terms = make_terms(rng, 131, 77, [(700, 650, 1, 0.1, "contig", "contig"), (300, 300, 1, 0.0, "T", "T")], dtype)
+        assert_matches_upcast(hm.ops.cost_matrix(terms), terms)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_a=st.integers(1, 40), n_b=st.integers(1, 40),
+    ks=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 30), st.integers(1, 4), st.floats(0, 1),
+                          st.sampled_from(["contig", "T", "slice", "expand"]), st.sampled_from(["contig", "T", "slice", "expand"]),
+                          st.booleans()), min_size=1, max_size=3),
+    bf16=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_half_random_maps_shapes_strides(n_a, n_b, ks, bf16, seed):
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    rng = np.random.default_rng(seed)
+    specs = [(k, None if ident else k_t, block, pad, la, lb) for k, k_t, block, pad, la, lb, ident in ks]
+    terms = make_terms(rng, n_a, n_b, specs, dtype)
+    assert_matches_upcast(hm.ops.cost_matrix(terms), terms)
+
+
+def test_half_out_must_be_float32():
+    a = torch.randn(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="cost_matrix: out must be float32, got bfloat16"):
+        hm.ops.cost_matrix([(a, a)], out=torch.empty(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"terms\[1\].A has dtype float16 but terms\[0\].A has dtype bfloat16"):
+        hm.ops.cost_matrix([(a, a), (a.half(), a.half())])

@@ -1,4 +1,4 @@
-"""hetmerge.ops on CUDA tensors against the CPU backend (runs where a GPU and the CUDA build exist).
+"""hetmerge.ops on CUDA tensors against the CPU backend (runs where a GPU exists; skips only without one).
 
 Data movement and index outputs must match the CPU exactly. interpolate and weighted_sum are built
 without FMA contraction and use the CPU's formula and conversions, so they are compared bit for bit
@@ -13,10 +13,17 @@ import torch
 import hetmerge
 from hetmerge import _backend, ops
 
+# The one reason to skip: no GPU. A GPU with a missing or unusable CUDA module is a failure (the
+# module is built whenever the build finds nvcc; tests/test_cuda_build.py checks that it is).
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device visible to torch", allow_module_level=True)
-if not hetmerge.cuda_available():
-    pytest.skip(f"hetmerge's CUDA backend is unusable: {_backend.cuda_status()}", allow_module_level=True)
+    pytest.skip(f"no CUDA device visible to torch (torch {torch.__version__}, built for CUDA {torch.version.cuda})",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _backend_usable():
+    if not hetmerge.cuda_available():
+        pytest.fail(f"torch sees a GPU but hetmerge's CUDA backend is unusable: {_backend.cuda_status()}")
 
 from test_cuda_emulated import (  # noqa: E402  (shared pure-torch references and helpers)
     DTYPES, ROUND, cost_tol, rand, rand_map, ref_cost, ref_permute_pad)
@@ -152,3 +159,59 @@ def test_second_device():
     got = ops.permute_pad(w, rows)
     assert got.device == w.device
     assert torch.equal(got.cpu(), w.cpu()[rows.cpu()])
+
+
+# ---- float16 / bfloat16 cost_matrix, stride-0 inputs, map validation -----------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
+def test_cost_matrix_cuda_half_inputs(dtype, precision):
+    gen = torch.Generator().manual_seed(6)
+    terms = _terms(dtype, gen)
+    out = ops.cost_matrix([(cuda(A), cuda(B), cuda(m), blk) for A, B, m, blk in terms], precision=precision)
+    assert out.dtype == torch.float32 and out.is_cuda
+    rnd = ROUND.get(precision, lambda x: x)
+    want = ref_cost([(rnd(A.float()), rnd(B.float()), m, blk) for A, B, m, blk in terms])
+    tol = cost_tol(terms, torch.float32)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
+
+
+def test_cost_matrix_cuda_zero_width_first_term():
+    """The kernel dropped a k-tile when a launch's first term had zero width."""
+    gen = torch.Generator().manual_seed(7)
+    terms = [(rand((300, 0), torch.float32, gen), rand((257, 0), torch.float32, gen), None, 1)] + _terms(torch.float32, gen)
+    out = ops.cost_matrix([(cuda(A), cuda(B), cuda(m), blk) for A, B, m, blk in terms])
+    tol = cost_tol(terms, torch.float32)
+    torch.testing.assert_close(out.cpu().double(), ref_cost(terms), rtol=tol, atol=tol)
+
+
+def test_expanded_inputs_work_on_cuda_as_on_cpu():
+    """stride-0 (expanded) operands, costs and maps: accepted by the CPU backend, so by CUDA too."""
+    gen = torch.Generator().manual_seed(8)
+    A = rand((1, 40), torch.float32, gen).expand(90, 40)
+    B = rand((40, 1), torch.float32, gen).expand(40, 130).t()
+    pad = torch.tensor([-1]).expand(6)
+    terms = [(A, B, None, 1), (rand((90, 6), torch.float32, gen), rand((130, 6), torch.float32, gen), pad, 1)]
+    got = ops.cost_matrix([(cuda(a), cuda(b), cuda(m), blk) for a, b, m, blk in terms])
+    tol = cost_tol(terms, torch.float32)
+    torch.testing.assert_close(got.cpu().double(), ref_cost(terms), rtol=tol, atol=tol)
+    w = rand((5, 7), torch.float32, gen)
+    rows = torch.tensor([-1]).expand(4)
+    assert torch.equal(ops.permute_pad(cuda(w), cuda(rows)).cpu(), torch.zeros(4, 7))
+    assert torch.equal(ops.interpolate(cuda(w), cuda(w), [0.5], None, cuda(torch.tensor([-1]).expand(7))).cpu(),
+                       ops.interpolate(w, w, [0.5], None, torch.tensor([-1]).expand(7)))
+    cost = torch.randn(1, 30, dtype=torch.float64).expand(20, 30)  # every row the same: ties everywhere
+    r, c = ops.linear_assignment(cost.to(DEV), maximize=True)
+    r0, c0 = ops.linear_assignment(cost, maximize=True)
+    assert cost[r.cpu(), c.cpu()].sum() == cost[r0, c0].sum()
+    assert len(set(c.cpu().tolist())) == 20
+
+
+def test_cuda_map_revalidated_after_in_place_write():
+    """Maps are checked once per object; an in-place write makes the next call check it again."""
+    w = torch.randn(5, 4, device=DEV)
+    rows = torch.tensor([4, 0, -1], device=DEV)
+    first = ops.permute_pad(w, rows)
+    assert torch.equal(ops.permute_pad(w, rows), first)
+    rows[1] = 9
+    with pytest.raises(ValueError, match=r"permute_pad: rows\[1\] = 9 is out of range for w.shape\[0\] = 5"):
+        ops.permute_pad(w, rows)

@@ -378,6 +378,133 @@ def test_cost_matrix_tensor_core_block_terms():
     torch.testing.assert_close(out.double(), ref_cost(rounded), rtol=tol, atol=tol)
 
 
+# Zero-width terms: the CUDA launch walked its k-tiles from term 0 without asking cost_term_of_tile,
+# so a launch whose first term had no tile (k = 0) staged tile 0 from that empty term: zeros, and the
+# next term's first k-tile was dropped. The emulation had copied the same walk; both now run the
+# shared cost_tile_schedule. Widths: 0 = a [n, 0] term; "pad" = k slots that are all padding.
+ZERO_WIDTH_PATTERNS = {
+    "first": [0, 37],
+    "first_then_many": [0, 9, 20],
+    "middle": [13, 0, 22],
+    "last": [30, 11, 0],
+    "several_in_a_row": [5, 0, 0, 0, 17],
+    "leading_run": [0, 0, 0, 41],
+    "all_but_one": [0, 0, 0, 0, 7, 0, 0],
+    "alternating": [0, 3, 0, 12, 0, 8, 0],
+    "all_padding_first": ["pad", 25],
+}
+
+
+def zero_width_terms(widths, dtype, gen, n_a=70, n_b=140):
+    terms = []
+    for i, w in enumerate(widths):
+        if w == "pad":
+            terms.append((rand((n_a, 6), dtype, gen), rand((n_b, 6), dtype, gen), torch.full((6,), -1), 1))
+        elif i % 2:  # mapped, transposed A
+            terms.append((rand((w, n_a), dtype, gen).t(), rand((n_b, w + 3), dtype, gen), rand_map(w, w + 3, gen), 1))
+        else:  # identity map
+            terms.append((rand((n_a, w), dtype, gen), rand((n_b, w), dtype, gen), None, 1))
+    return terms
+
+
+@pytest.mark.parametrize("pattern", list(ZERO_WIDTH_PATTERNS))
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("fp32", torch.float64), ("tf32", torch.float32),
+                                             ("fp32", torch.bfloat16)])
+def test_cost_matrix_zero_width_term_drops_no_k_tile(pattern, precision, dtype):
+    gen = torch.Generator().manual_seed(31)
+    terms = zero_width_terms(ZERO_WIDTH_PATTERNS[pattern], dtype, gen)
+    out, plan = emulated_cost(terms, precision, torch.float64 if dtype == torch.float64 else torch.float32)
+    assert plan["launches"] == 1
+    rnd = ROUND.get(precision, lambda x: x.double())
+    want = ref_cost([(rnd(a.float() if a.dtype != torch.float64 else a), rnd(b.float() if b.dtype != torch.float64 else b),
+                      m, blk) for a, b, m, blk in terms])
+    tol = cost_tol(terms, torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+def test_cost_matrix_zero_width_term_first_in_second_launch():
+    """Terms beyond the per-launch limit start a new launch; that launch's first term has no tile."""
+    gen = torch.Generator().manual_seed(32)
+    per = E.limits()["cost_terms_per_launch"]
+    widths = [5] * per + [0, 0, 19, 0]
+    terms = zero_width_terms(widths, torch.float32, gen)
+    out, plan = emulated_cost(terms)
+    assert plan["launches"] == 2
+    tol = cost_tol(terms, torch.float32)
+    torch.testing.assert_close(out.double(), ref_cost(terms), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
+def test_cost_matrix_half_inputs_emulated(in_dtype, precision):
+    """float16/bfloat16 inputs are upcast while staging: the float32 kernels on the upcast values."""
+    gen = torch.Generator().manual_seed(33)
+    terms = [(rand((150, 70), in_dtype, gen), rand((131, 73), in_dtype, gen), rand_map(70, 73, gen), 1),
+             (rand((40, 150), in_dtype, gen).t(), rand((131, 40), in_dtype, gen), None, 1)]
+    out, _ = emulated_cost(terms, precision)
+    rnd = ROUND.get(precision, lambda x: x)
+    want = ref_cost([(rnd(a.float()), rnd(b.float()), m, blk) for a, b, m, blk in terms])
+    tol = cost_tol(terms, torch.float32)
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    if precision == "fp32":  # the CPU backend computes the same (float32 accumulation, another order)
+        torch.testing.assert_close(out, hetmerge.ops.cost_matrix(terms), rtol=tol, atol=tol)
+
+
+# ---- stride 0 and other strides: the CUDA module takes what the CPU backend takes ----------------
+@pytest.mark.parametrize("case", ["stride0_all_pad", "stride0_single", "negative", "strided", "empty", "contig"])
+def test_cuda_fetch_index_map_any_stride(case):
+    """The host copy of a device map: cudaMemcpy2D rejected a pitch of 0 (expanded map)."""
+    if case == "stride0_all_pad":
+        m = torch.tensor([-1]).expand(9)
+    elif case == "stride0_single":
+        m = torch.tensor([4]).expand(1)
+    elif case == "negative":
+        m = np.arange(10, dtype=np.int64)[::-3]  # numpy: torch has no negative strides (cupy does)
+    elif case == "strided":
+        m = torch.arange(30)[::4]
+    elif case == "empty":
+        m = torch.empty(0, dtype=torch.int64)
+    else:
+        m = torch.randperm(17)
+    assert E.fetch_index_map(m) == np.asarray(m).tolist()
+
+
+def test_cost_matrix_expanded_operands_and_map_emulated():
+    """stride-0 A rows, B rows and an expanded all-padding map (the CPU backend took these)."""
+    gen = torch.Generator().manual_seed(34)
+    A = rand((1, 40), torch.float32, gen).expand(90, 40)
+    B = rand((40, 1), torch.float32, gen).expand(40, 130).t()  # inner stride 0
+    terms = [(A, B, None, 1), (rand((90, 6), torch.float32, gen), rand((130, 6), torch.float32, gen),
+                               torch.tensor([-1]).expand(6), 1)]
+    out, _ = emulated_cost(terms)
+    tol = cost_tol(terms, torch.float32)
+    torch.testing.assert_close(out.double(), ref_cost(terms), rtol=tol, atol=tol)
+    torch.testing.assert_close(out, hetmerge.ops.cost_matrix(terms), rtol=tol, atol=tol)
+
+
+def test_cuda_maps_validated_once_per_object():
+    """CUDA maps are fetched and checked once per map object (each check syncs the stream), again
+    after an in-place write, for another axis size, or for a new object; a failed check is not cached."""
+    m = torch.randperm(12)
+    assert E.map_checks([(m, 12)]) == [True]
+    assert E.map_checks([(m, 12), (m, 12)]) == [False, False]
+    assert E.map_checks([(m, 13)]) == [True]              # checked against another axis size
+    m[0], m[1] = m[1].item(), m[0].item()                  # in-place write bumps torch's version
+    assert E.map_checks([(m, 12)]) == [True]
+    assert E.map_checks([(m.clone(), 12)]) == [True]      # same values, new object
+    view = m[:]                                            # a view shares the version counter
+    assert E.map_checks([(view, 12)]) == [True]
+    m[2] = 99                                              # invalid now, written through the base
+    with pytest.raises(ValueError, match=r"map_checks: maps\[0\]\[2\] = 99 is out of range"):
+        E.map_checks([(view, 12)])
+    with pytest.raises(ValueError, match="out of range"):
+        E.map_checks([(view, 12)])                         # still invalid: the failure was not cached
+    m[2] = -1
+    assert E.map_checks([(torch.tensor([-1]).expand(5), 3)]) == [True]
+    arr = np.arange(4)                                     # no version counter: checked every call
+    assert E.map_checks([(arr, 4)]) == [True] and E.map_checks([(arr, 4)]) == [True]
+
+
 # ---- errors: the same checks as the CPU backend --------------------------------------------------
 def test_emulated_rejects_bad_maps_like_cpu():
     w = torch.randn(5, 4)

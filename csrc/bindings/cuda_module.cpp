@@ -1,11 +1,13 @@
 // hetmerge._cuda: the CUDA backend. Same entry points as hetmerge._C (csrc/bindings/module.cpp) plus
 // `stream`, the caller's CUDA stream handle (torch.cuda.current_stream().cuda_stream): arguments are
 // imported through DLPack, validated by the same common/op_checks functions, CUDA index maps are
-// checked on a host copy, then the launchers in csrc/cuda run on that stream.
+// checked on a host copy once per map object (bindings/map_cache.h), then the launchers in
+// csrc/cuda run on that stream.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "bindings/dlpack_import.h"
+#include "bindings/map_cache.h"
 #include "common/op_checks.h"
 #include "cuda/cuda_ops.h"
 
@@ -24,6 +26,20 @@ void require_cuda(const TensorView& t, const char* fn, const char* arg) {
 
 std::string dim_desc(const char* arg, int dim) { return hm::concat(arg, ".shape[", dim, "]"); }
 
+// Maps validated once per object (bindings/map_cache.h). Never destroyed: it holds Python objects,
+// which must not be released after the interpreter has shut down.
+hm::ValidatedMaps& validated_maps() {
+  static auto* cache = new hm::ValidatedMaps();
+  return *cache;
+}
+
+// Fetches and checks the maps the cache has not seen (each fetch synchronizes the stream).
+void check_maps(const hm::MapChecks& maps, const char* fn, cudaStream_t stream) {
+  maps.run([&](const hm::MapChecks::Pending& p) {
+    hm::gpu::check_device_index_map(p.map, fn, p.arg.c_str(), p.n_source, p.source_desc.c_str(), stream);
+  });
+}
+
 void permute_pad(py::handle w, py::handle rows, py::handle cols, py::handle out, uintptr_t stream) {
   const char* fn = "permute_pad";
   DLPackArgs args;
@@ -33,11 +49,16 @@ void permute_pad(py::handle w, py::handle rows, py::handle cols, py::handle out,
   const TensorView vo = args.view(out, fn, "out");
   require_cuda(vw, fn, "w");
   hm::check_permute_pad(vw, vr, vc, vo);
-  py::gil_scoped_release nogil;
-  hm::gpu::DeviceGuard guard(vw.device_id);
-  if (vr) hm::gpu::check_device_index_map(*vr, fn, "rows", vw.shape[0], dim_desc("w", 0).c_str(), as_stream(stream));
-  if (vc) hm::gpu::check_device_index_map(*vc, fn, "cols", vw.shape[1], dim_desc("w", 1).c_str(), as_stream(stream));
-  hm::gpu::permute_pad(vw, vr, vc, vo, as_stream(stream));
+  hm::MapChecks maps(validated_maps());
+  maps.add(rows, vr, vw.shape[0], "rows", dim_desc("w", 0));
+  if (vw.ndim >= 2) maps.add(cols, vc, vw.shape[1], "cols", dim_desc("w", 1));
+  {
+    py::gil_scoped_release nogil;
+    hm::gpu::DeviceGuard guard(vw.device_id);
+    check_maps(maps, fn, as_stream(stream));
+    hm::gpu::permute_pad(vw, vr, vc, vo, as_stream(stream));
+  }
+  maps.commit();
 }
 
 void interpolate(py::handle a, py::handle b, const std::vector<double>& lambdas, py::handle rows, py::handle cols,
@@ -50,11 +71,16 @@ void interpolate(py::handle a, py::handle b, const std::vector<double>& lambdas,
   const TensorView vo = args.view(out, fn, "out");
   require_cuda(va, fn, "a");
   hm::check_interpolate(va, vb, lambdas, vr, vc, vo);
-  py::gil_scoped_release nogil;
-  hm::gpu::DeviceGuard guard(va.device_id);
-  if (vr) hm::gpu::check_device_index_map(*vr, fn, "rows", vb.shape[0], dim_desc("b", 0).c_str(), as_stream(stream));
-  if (vc) hm::gpu::check_device_index_map(*vc, fn, "cols", vb.shape[1], dim_desc("b", 1).c_str(), as_stream(stream));
-  hm::gpu::interpolate(va, vb, lambdas, vr, vc, fill_base, vo, as_stream(stream));
+  hm::MapChecks maps(validated_maps());
+  maps.add(rows, vr, vb.shape[0], "rows", dim_desc("b", 0));
+  if (va.ndim >= 2) maps.add(cols, vc, vb.shape[1], "cols", dim_desc("b", 1));
+  {
+    py::gil_scoped_release nogil;
+    hm::gpu::DeviceGuard guard(va.device_id);
+    check_maps(maps, fn, as_stream(stream));
+    hm::gpu::interpolate(va, vb, lambdas, vr, vc, fill_base, vo, as_stream(stream));
+  }
+  maps.commit();
 }
 
 void weighted_sum(const py::sequence& tensors, const std::vector<double>& coeffs, int64_t K, py::handle out,
@@ -81,18 +107,22 @@ void cost_matrix(const py::sequence& terms, py::handle out, uintptr_t stream, co
   if (!views.empty()) require_cuda(views[0].a, fn, "terms[0].A");
   hm::check_cost_matrix(views, vo);
   if (prec != hm::CostPrecision::exact && vo.dtype != hm::DType::f32)
-    hm::value_error(fn, ": precision='", precision, "' needs float32 inputs, got ", hm::dtype_name(vo.dtype));
+    hm::value_error(fn, ": precision='", precision, "' needs float32, float16 or bfloat16 inputs, got ",
+                    hm::dtype_name(views[0].a.dtype));
   std::vector<hm::gpu::CostTermInput> inputs;
   for (const auto& v : views) inputs.push_back({v.a, v.b, v.map, v.has_map, v.block});
-  py::gil_scoped_release nogil;
-  hm::gpu::DeviceGuard guard(vo.device_id);
-  for (size_t t = 0; t < views.size(); ++t) {
-    if (!views[t].has_map) continue;
-    const std::string arg = hm::concat("terms[", t, "].map"), desc = hm::concat("terms[", t, "].B.shape[1] / block");
-    hm::gpu::check_device_index_map(views[t].map, fn, arg.c_str(), views[t].b.shape[1] / views[t].block, desc.c_str(),
-                                    as_stream(stream));
+  hm::MapChecks maps(validated_maps());
+  for (size_t t = 0; t < views.size(); ++t)
+    if (views[t].has_map)
+      maps.add(py::reinterpret_borrow<py::tuple>(terms[t])[2], &views[t].map, views[t].b.shape[1] / views[t].block,
+               hm::concat("terms[", t, "].map"), hm::concat("terms[", t, "].B.shape[1] / block"));
+  {
+    py::gil_scoped_release nogil;
+    hm::gpu::DeviceGuard guard(vo.device_id);
+    check_maps(maps, fn, as_stream(stream));
+    hm::gpu::cost_matrix(inputs, vo, prec, as_stream(stream));
   }
-  hm::gpu::cost_matrix(inputs, vo, prec, as_stream(stream));
+  maps.commit();
 }
 
 void linear_assignment(py::handle cost, bool maximize, py::handle row_ind, py::handle col_ind, uintptr_t stream) {
@@ -131,7 +161,7 @@ PYBIND11_MODULE(_cuda, m) {
         "out[k] = sum_t coeffs[k * T + t] * tensors[t].");
   m.def("cost_matrix", &cost_matrix, py::arg("terms"), out, stream, py::arg("precision") = "fp32",
         "C[i, j] = sum over terms (A, B, map, block) of sum_{q: map[q] >= 0, r < block} A[i, q*block+r] * "
-        "B[j, map[q]*block+r]. precision: 'fp32' (exact in the input dtype), or for float32 inputs 'tf32', "
+        "B[j, map[q]*block+r]. precision: 'fp32' (float32 accumulation, float64 for float64), or for float32/float16/bfloat16 inputs 'tf32', "
         "'bf16', 'fp16' (tensor cores, fp32 accumulation; see docs/cuda.md for their accuracy).");
   m.def("linear_assignment", &linear_assignment, py::arg("cost"), py::arg("maximize"), py::arg("row_ind"),
         py::arg("col_ind"), stream,

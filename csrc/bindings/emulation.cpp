@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/dlpack_import.h"
+#include "bindings/map_cache.h"
 #include "common/op_checks.h"
 #include "emulation/emulated.h"
 
@@ -69,6 +70,44 @@ emulated::Plan cost_matrix(const py::sequence& terms, py::handle out, const std:
   return emulated::cost_matrix(inputs, vo, prec);
 }
 
+// The CUDA module's per-call map validation (cuda_module.cpp) with the device fetch emulated:
+// maps: [(map, n_source)]; returns, per map, whether it was fetched and checked (False: cached).
+std::vector<bool> map_checks(const py::list& maps) {
+  static auto* cache = new ValidatedMaps();  // one per process, like the CUDA module's
+  const char* fn = "map_checks";
+  DLPackArgs args;
+  MapChecks checks(*cache);
+  std::vector<TensorView> views;
+  views.reserve(maps.size());
+  for (size_t i = 0; i < maps.size(); ++i) {
+    py::tuple item = maps[i];
+    views.push_back(args.view(item[0], fn, concat("maps[", i, "]").c_str()));
+    require_cpu(views.back(), fn, "map");
+  }
+  for (size_t i = 0; i < maps.size(); ++i) {
+    py::tuple item = maps[i];
+    checks.add(item[0], &views[i], item[1].cast<int64_t>(), concat("maps[", i, "]"), "n_source");
+  }
+  std::vector<bool> checked(maps.size(), false);
+  {
+    py::gil_scoped_release nogil;
+    checks.run([&](const MapChecks::Pending& p) {
+      require_ndim(p.map, fn, p.arg.c_str(), 1);
+      require_dtype(p.map, fn, p.arg.c_str(), DType::i64);
+      std::vector<int64_t> host = emulated::fetch_index_map(p.map);
+      TensorView h = p.map;
+      h.data = host.data();
+      h.strides[0] = 1;
+      check_index_map(h, fn, p.arg.c_str(), p.n_source, p.source_desc.c_str());
+    });
+  }
+  checks.commit();
+  for (const MapChecks::Pending& p : checks.pending())
+    for (size_t i = 0; i < views.size(); ++i)
+      if (p.arg == concat("maps[", i, "]")) checked[i] = true;
+  return checked;
+}
+
 }  // namespace
 
 void register_emulation(pybind11::module_& m) {
@@ -81,6 +120,16 @@ void register_emulation(pybind11::module_& m) {
   m.def("weighted_sum", &weighted_sum, py::arg("tensors"), py::arg("coeffs"), py::arg("K"), out,
         py::arg("grid_cap") = 0);
   m.def("cost_matrix", &cost_matrix, py::arg("terms"), out, py::arg("precision") = "fp32");
+  m.def("fetch_index_map", [](py::handle map) {
+    DLPackArgs args;
+    const TensorView v = args.view(map, "fetch_index_map", "map");
+    require_cpu(v, "fetch_index_map", "map");
+    require_dtype(v, "fetch_index_map", "map", DType::i64);
+    require_ndim(v, "fetch_index_map", "map", 1);
+    return emulated::fetch_index_map(v);
+  }, py::arg("map"), "The CUDA backend's host copy of an index map (any stride), run on CPU memory.");
+  m.def("map_checks", &map_checks, py::arg("maps"),
+        "The CUDA module's once-per-object map validation on CPU maps: [(map, n_source)] -> [checked].");
   m.def("tile_shapes", [] {
     return std::map<std::string, std::vector<int>>{
         {"fp32", {SimtTile<float>::BM, SimtTile<float>::BN, SimtTile<float>::BK}},

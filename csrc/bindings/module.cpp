@@ -104,6 +104,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("col_ind"), "Exact rectangular linear assignment (scipy.optimize.linear_sum_assignment's contract).");
   m.def("set_num_threads", &hm::set_num_threads, py::arg("n"), "Threads used by the CPU kernels.");
   m.def("get_num_threads", &hm::get_num_threads);
+  m.def("build_info", [] {
+    py::dict info;
+    info["cuda_module"] = bool(HETMERGE_BUILT_CUDA_MODULE);  // the same build also produced hetmerge._cuda
+    info["cuda_architectures"] = std::string(HETMERGE_CUDA_ARCHS);  // CMAKE_CUDA_ARCHITECTURES, comma-separated
+    info["x86_simd"] = bool(HETMERGE_X86_SIMD);  // AVX2/FMA/F16C kernels compiled in (runtime-dispatched)
+    return info;
+  }, "What this build was configured with (CMake): whether it built the CUDA module and for which "
+     "architectures, and whether the x86 SIMD kernels are compiled in.");
   auto emulated = m.def_submodule("emulated");
   hm::register_emulation(emulated);
 }

@@ -134,6 +134,8 @@ void check_weighted_sum(const std::vector<TensorView>& tensors, const std::vecto
   for (size_t t = 0; t < tensors.size(); ++t) check_no_overlap(out, tensors[t], fn, concat("tensors[", t, "]").c_str());
 }
 
+DType cost_out_dtype(DType input) { return input == DType::f64 ? DType::f64 : DType::f32; }
+
 void check_cost_matrix(const std::vector<CostTermViews>& terms, const TensorView& out) {
   const char* fn = "cost_matrix";
   if (terms.empty()) value_error(fn, ": terms must not be empty");
@@ -143,8 +145,7 @@ void check_cost_matrix(const std::vector<CostTermViews>& terms, const TensorView
     const std::string a = concat("terms[", t, "].A"), b = concat("terms[", t, "].B"), m = concat("terms[", t, "].map");
     require_ndim(term.a, fn, a.c_str(), 2);
     require_ndim(term.b, fn, b.c_str(), 2);
-    if (term.a.dtype != DType::f32 && term.a.dtype != DType::f64)
-      type_error(fn, ": ", a, " must be float32 or float64, got ", dtype_name(term.a.dtype));
+    require_floating(term.a, fn, a.c_str());
     require_same_dtype(term.a, ref, fn, a.c_str(), "terms[0].A");
     require_same_dtype(term.b, ref, fn, b.c_str(), "terms[0].A");
     require_same_device(term.a, ref, fn, a.c_str(), "terms[0].A");
@@ -171,7 +172,7 @@ void check_cost_matrix(const std::vector<CostTermViews>& terms, const TensorView
     }
   }
   const int64_t shape[2] = {ref.shape[0], terms[0].b.shape[0]};
-  check_out_common(out, ref, ref.dtype, fn, "terms[0].A");
+  check_out_common(out, ref, cost_out_dtype(ref.dtype), fn, "terms[0].A");
   require_shape(out, fn, "out", shape, 2);
   for (size_t t = 0; t < terms.size(); ++t) {
     check_no_overlap(out, terms[t].a, fn, concat("terms[", t, "].A").c_str());

@@ -18,6 +18,8 @@ struct CostTermViews {
   bool has_map;
   int64_t block;
 };
+// float16 / bfloat16 terms accumulate in float32 and give a float32 C; float64 stays float64.
+DType cost_out_dtype(DType input);
 void check_cost_matrix(const std::vector<CostTermViews>& terms, const TensorView& out);
 void check_linear_assignment(const TensorView& cost, const TensorView& row_ind, const TensorView& col_ind);
 

@@ -10,7 +10,8 @@
 //
 // Accuracy: float32 inputs accumulate in float32 like BLAS sgemm (every product is an FMA, sums in
 // KC-long chains); the error grows like K * eps * sum|A_ip B_jp|, the same order as torch.mm's.
-// float64 accumulates in float64.
+// float64 accumulates in float64. float16 / bfloat16 inputs are upcast to float32 while packing the
+// panels (each element once per pack, no upcast copy of the operands) and then run the float32 path.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -26,12 +27,14 @@ namespace hm::cpu {
 // Microkernel contract: C[0:mr, 0:nr] (row stride ldc) = (accumulate ? C : 0) + sum_{p < kc} ap[p*MR + i] * bp[p*NR + j].
 // ap: one packed A micro-panel [kc, MR]; bp: one packed B micro-panel [kc, NR]; both 32-byte aligned and
 // zero-padded past mr / nr rows. Defined in cost_matrix_avx2.cpp (MR x NR = 6 x 16 float32, 6 x 8 float64).
+#if HETMERGE_X86_SIMD
 namespace detail {
 void cost_ukernel_f32_avx2(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, int mr, int nr,
                            bool accumulate);
 void cost_ukernel_f64_avx2(int64_t kc, const double* ap, const double* bp, double* c, int64_t ldc, int mr, int nr,
                            bool accumulate);
 }  // namespace detail
+#endif
 
 namespace {
 
@@ -74,24 +77,25 @@ class Scratch {
 };
 
 // One side (A or B) of every term, seen through the concatenated compacted inner axis.
-template <typename T>
+// S: the storage type (float, double, half_t, bfloat16_t).
+template <typename S>
 struct Side {
-  std::vector<const T*> data;        // [n_terms]
+  std::vector<const S*> data;        // [n_terms]
   std::vector<int64_t> row_stride;   // [n_terms], elements
   std::vector<int64_t> off;          // [K]: element offset of inner position p within its term's row
 };
 
-template <typename T>
+template <typename S>
 struct Problem {
-  Side<T> a, b;
+  Side<S> a, b;
   std::vector<int64_t> term_start;  // [n_terms + 1] prefix sums of compacted inner lengths
   int n_terms = 0;
   int64_t k() const { return term_start.back(); }
 };
 
-template <typename T>
-Problem<T> build_problem(const std::vector<CostTerm>& terms) {
-  Problem<T> pb;
+template <typename S>
+Problem<S> build_problem(const std::vector<CostTerm>& terms) {
+  Problem<S> pb;
   pb.n_terms = static_cast<int>(terms.size());
   pb.term_start.assign(1, 0);
   std::vector<int64_t> valid;
@@ -112,9 +116,9 @@ Problem<T> build_problem(const std::vector<CostTerm>& terms) {
       pb.b.off.push_back(b_col * t.b.strides[1]);
     }
     pb.term_start.push_back(pb.term_start.back() + len);
-    pb.a.data.push_back(t.a.ptr<const T>());
+    pb.a.data.push_back(t.a.ptr<const S>());
     pb.a.row_stride.push_back(t.a.strides[0]);
-    pb.b.data.push_back(t.b.ptr<const T>());
+    pb.b.data.push_back(t.b.ptr<const S>());
     pb.b.row_stride.push_back(t.b.strides[0]);
   }
   return pb;
@@ -128,9 +132,9 @@ void zero_rows(T* d, int rows, int64_t n) {
 
 // Packs micro-panels [q0, q1) of R rows each (rows beyond n_rows are zero) over inner positions
 // [p0, p0 + kc): panel q goes to dst + (q - q0) * R * kc, dst[(p - p0) * R + r] = row q*R + r at p.
-// The gather through `off` is where the index map acts.
-template <typename T, int R>
-void pack_panels(const Side<T>& s, const int64_t* term_start, int n_terms, int64_t n_rows, int64_t q0, int64_t q1,
+// The gather through `off` is where the index map acts; the upcast from S to T happens here too.
+template <typename S, typename T, int R>
+void pack_panels(const Side<S>& s, const int64_t* term_start, int n_terms, int64_t n_rows, int64_t q0, int64_t q1,
                  int64_t p0, int64_t kc, T* __restrict dst) {
   const int64_t p_end = p0 + kc, panel = R * kc;
   int t = cost_term_of(term_start, n_terms, p0);
@@ -146,27 +150,28 @@ void pack_panels(const Side<T>& s, const int64_t* term_start, int n_terms, int64
       // position's line to one L1 set and the lines would be refetched for each panel.
       const int64_t full = std::min(q1, n_rows / R);
       for (int64_t i = 0; i < n; ++i) {
-        const T* src = s.data[t] + off[i];
+        const S* src = s.data[t] + off[i];
         for (int64_t q = q0; q < full; ++q)
-          for (int r = 0; r < R; ++r) d0[(q - q0) * panel + i * R + r] = src[q * R + r];
+          for (int r = 0; r < R; ++r) d0[(q - q0) * panel + i * R + r] = load_as_acc(src + q * R + r);
         for (int64_t q = std::max(full, q0); q < q1; ++q)
-          for (int r = 0; r < R; ++r) d0[(q - q0) * panel + i * R + r] = q * R + r < n_rows ? src[q * R + r] : T(0);
+          for (int r = 0; r < R; ++r)
+            d0[(q - q0) * panel + i * R + r] = q * R + r < n_rows ? load_as_acc(src + q * R + r) : T(0);
       }
     } else if (std::is_sorted(off, off + n)) {
       // Row-major rows, ascending positions (A's side: identity map, or padded slots skipped): 8
       // positions of every row at a time, so each row's cache lines are used while they are hot.
       for (int64_t q = q0; q < q1; ++q) {
         const int rows = static_cast<int>(std::min<int64_t>(R, n_rows - q * R));
-        const T* base = s.data[t] + q * R * rs;
+        const S* base = s.data[t] + q * R * rs;
         T* d = d0 + (q - q0) * panel;
         int64_t i = 0;
         for (; i + 8 <= n; i += 8)
           for (int r = 0; r < rows; ++r) {
-            const T* src = base + r * rs;
-            for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = src[off[i + u]];
+            const S* src = base + r * rs;
+            for (int u = 0; u < 8; ++u) d[(i + u) * R + r] = load_as_acc(src + off[i + u]);
           }
         for (; i < n; ++i)
-          for (int r = 0; r < rows; ++r) d[i * R + r] = base[r * rs + off[i]];
+          for (int r = 0; r < rows; ++r) d[i * R + r] = load_as_acc(base + r * rs + off[i]);
         zero_rows<T, R>(d, rows, n);
       }
     } else {
@@ -174,14 +179,14 @@ void pack_panels(const Side<T>& s, const int64_t* term_start, int n_terms, int64
       // misses. Prefetch the next row's lines while gathering this one, to keep many misses in flight.
       for (int64_t q = q0; q < q1; ++q) {
         const int rows = static_cast<int>(std::min<int64_t>(R, n_rows - q * R));
-        const T* base = s.data[t] + q * R * rs;
+        const S* base = s.data[t] + q * R * rs;
         T* d = d0 + (q - q0) * panel;
         for (int r = 0; r < rows; ++r) {
-          const T* src = base + r * rs;
-          const T* next = r + 1 < rows ? src + rs : src;
+          const S* src = base + r * rs;
+          const S* next = r + 1 < rows ? src + rs : src;
           for (int64_t i = 0; i < n; ++i) {
             __builtin_prefetch(next + off[i]);
-            d[i * R + r] = src[off[i]];
+            d[i * R + r] = load_as_acc(src + off[i]);
           }
         }
         zero_rows<T, R>(d, rows, n);
@@ -199,8 +204,8 @@ struct Blocking {
 // Splits [0, n_panels) into `parts` nearly equal ranges; part b is [split(b), split(b + 1)).
 inline int64_t split(int64_t n_panels, int64_t parts, int64_t b) { return n_panels * b / parts; }
 
-template <typename T, int MR, int NR>
-void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> ukernel, Blocking blk) {
+template <typename S, typename T, int MR, int NR>
+void cost_gemm(const Problem<S>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> ukernel, Blocking blk) {
   const int64_t K = pb.k();
   const int threads = get_num_threads();
   const int64_t a_panels = (n_a + MR - 1) / MR, b_panels = (n_b + NR - 1) / NR;
@@ -234,7 +239,7 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
       const int64_t kb0 = g * blk.kg, kb1 = std::min(n_kb, kb0 + blk.kg);
       const int64_t s0 = split(K, n_kb, kb0), slab_k = split(K, n_kb, kb1) - s0;
       parallel_for(jp1 - jp0, 8, [&](int64_t b0, int64_t b1) {
-        pack_panels<T, NR>(pb.b, pb.term_start.data(), pb.n_terms, n_b, jp0 + b0, jp0 + b1, s0, slab_k,
+        pack_panels<S, T, NR>(pb.b, pb.term_start.data(), pb.n_terms, n_b, jp0 + b0, jp0 + b1, s0, slab_k,
                            bp + b0 * NR * slab_k);
       });
       // One task = one row block (or part of one) through every K-block of the slab: the threads meet
@@ -249,7 +254,7 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
           for (int64_t kb = kb0; kb < kb1; ++kb) {
             const int64_t p0 = split(K, n_kb, kb), kc = split(K, n_kb, kb + 1) - p0;
             const T* bk = bp + (p0 - s0) * NR;  // this block's [kc, NR] part of every slab panel
-            pack_panels<T, MR>(pb.a, pb.term_start.data(), pb.n_terms, n_a, ip0, ip1, p0, kc, ap);
+            pack_panels<S, T, MR>(pb.a, pb.term_start.data(), pb.n_terms, n_a, ip0, ip1, p0, kc, ap);
             // B micro-panel outer, A inner: the kc x NR B panel stays in L1 while A panels stream from L2.
             for (int64_t jp = jq0; jp < jq1; ++jp) {
               const int nr = static_cast<int>(std::min<int64_t>(NR, n_b - jp * NR));
@@ -266,33 +271,43 @@ void cost_gemm(const Problem<T>& pb, int64_t n_a, int64_t n_b, T* c, Ukernel<T> 
   }
 }
 
+#if HETMERGE_X86_SIMD
 bool use_avx2() {
   // HETMERGE_NO_AVX2 (any value) forces the portable path, so that tests can cover it on AVX2 machines.
   static const bool cpu_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return cpu_ok && std::getenv("HETMERGE_NO_AVX2") == nullptr;
 }
+#endif  // without HETMERGE_X86_SIMD (aarch64, ...) only the portable microkernels exist
 
 // Zen3 (per core: 32 KiB L1d, 512 KiB L2; L3 shared): the KC x NR B micro-panel (16 KiB) stays in L1
 // and the MC x KC A block (~150 KiB) in L2. The B slab (4 K-blocks x NC rows, 16 MiB) needs no cache:
 // each micro-panel is fetched once per row block, then serves MC / MR microkernel calls from L1.
 // NC = 4096 splits the widths that matter (powers of two up to 8192) evenly. float64 keeps the byte
-// footprints at half the element counts.
-void run(const Problem<float>& pb, int64_t n_a, int64_t n_b, float* c) {
-  if (use_avx2())
-    cost_gemm<float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4096, 4});
-  else
-    cost_gemm<float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4096, 4});
+// footprints at half the element counts. S: storage of the inputs (float32, float16 or bfloat16
+// all compute in float32).
+template <typename S>
+void run(const Problem<S>& pb, int64_t n_a, int64_t n_b, float* c) {
+#if HETMERGE_X86_SIMD
+  if (use_avx2()) {
+    cost_gemm<S, float, 6, 16>(pb, n_a, n_b, c, detail::cost_ukernel_f32_avx2, {256, 144, 4096, 4});
+    return;
+  }
+#endif
+  cost_gemm<S, float, 4, 8>(pb, n_a, n_b, c, ukernel_generic<float, 4, 8>, {256, 128, 4096, 4});
 }
 void run(const Problem<double>& pb, int64_t n_a, int64_t n_b, double* c) {
-  if (use_avx2())
-    cost_gemm<double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2048, 4});
-  else
-    cost_gemm<double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2048, 4});
+#if HETMERGE_X86_SIMD
+  if (use_avx2()) {
+    cost_gemm<double, double, 6, 8>(pb, n_a, n_b, c, detail::cost_ukernel_f64_avx2, {256, 72, 2048, 4});
+    return;
+  }
+#endif
+  cost_gemm<double, double, 4, 4>(pb, n_a, n_b, c, ukernel_generic<double, 4, 4>, {256, 64, 2048, 4});
 }
 
-template <typename T>
+template <typename S, typename T>
 void cost_matrix_typed(const std::vector<CostTerm>& terms, int64_t n_a, int64_t n_b, T* c) {
-  const Problem<T> pb = build_problem<T>(terms);
+  const Problem<S> pb = build_problem<S>(terms);
   // No term, or every inner slot padded: C = 0 (cost_gemm needs a non-empty inner axis).
   if (pb.k() == 0) {
     std::fill(c, c + n_a * n_b, T(0));
@@ -306,10 +321,12 @@ void cost_matrix_typed(const std::vector<CostTerm>& terms, int64_t n_a, int64_t 
 void cost_matrix(const std::vector<CostTerm>& terms, const TensorView& out) {
   const int64_t n_a = out.shape[0], n_b = out.shape[1];
   if (n_a == 0 || n_b == 0) return;
-  if (out.dtype == DType::f64)
-    cost_matrix_typed<double>(terms, n_a, n_b, out.ptr<double>());
-  else
-    cost_matrix_typed<float>(terms, n_a, n_b, out.ptr<float>());
+  switch (terms[0].a.dtype) {
+    case DType::f64: cost_matrix_typed<double>(terms, n_a, n_b, out.ptr<double>()); break;
+    case DType::f16: cost_matrix_typed<half_t>(terms, n_a, n_b, out.ptr<float>()); break;
+    case DType::bf16: cost_matrix_typed<bfloat16_t>(terms, n_a, n_b, out.ptr<float>()); break;
+    default: cost_matrix_typed<float>(terms, n_a, n_b, out.ptr<float>()); break;
+  }
 }
 
 }  // namespace hm::cpu

@@ -31,7 +31,10 @@ class DeviceGuard {
 void check_cuda(cudaError_t err, const char* fn, const char* what);
 
 // A CUDA index map checked like hm::check_index_map (same messages): copied to the host on
-// `stream`, which is synchronized, so a bad map raises before any kernel reads it.
+// `stream`, which is synchronized, so a bad map raises before any kernel reads it. Any stride
+// (0: an expanded map, negative) is accepted, as on the CPU. The bindings call this once per map
+// object (bindings/map_cache.h), not once per call.
+std::vector<int64_t> fetch_index_map(const TensorView& map, const char* fn, cudaStream_t stream);
 void check_device_index_map(const TensorView& map, const char* fn, const char* arg, int64_t n_source,
                             const char* source_desc, cudaStream_t stream);
 

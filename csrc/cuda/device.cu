@@ -40,19 +40,26 @@ void check_cuda(cudaError_t err, const char* fn, const char* what) {
                                     cudaGetErrorString(err), ")"));
 }
 
+std::vector<int64_t> fetch_index_map(const TensorView& map, const char* fn, cudaStream_t stream) {
+  const int64_t n = map.shape[0];
+  std::vector<int64_t> host(static_cast<size_t>(n));
+  const StridedFetch f = strided_fetch(n, map.strides[0]);
+  if (f.rows > 0) {
+    check_cuda(cudaMemcpy2DAsync(host.data(), sizeof(int64_t), map.ptr<const int64_t>() + f.first,
+                                 static_cast<size_t>(f.pitch) * sizeof(int64_t), sizeof(int64_t),
+                                 static_cast<size_t>(f.rows), cudaMemcpyDeviceToHost, stream),
+               fn, "copying an index map to the host");
+    check_cuda(cudaStreamSynchronize(stream), fn, "synchronizing the stream");
+  }
+  strided_fetch_finish(f, n, host);
+  return host;
+}
+
 void check_device_index_map(const TensorView& map, const char* fn, const char* arg, int64_t n_source,
                             const char* source_desc, cudaStream_t stream) {
   require_ndim(map, fn, arg, 1);
   require_dtype(map, fn, arg, DType::i64);
-  const int64_t n = map.shape[0];
-  std::vector<int64_t> host(static_cast<size_t>(n));
-  if (n > 0) {
-    // One strided 2-D copy: n rows of one int64, the map's stride apart.
-    check_cuda(cudaMemcpy2DAsync(host.data(), sizeof(int64_t), map.data, map.strides[0] * sizeof(int64_t),
-                                 sizeof(int64_t), static_cast<size_t>(n), cudaMemcpyDeviceToHost, stream),
-               fn, "copying an index map to the host");
-    check_cuda(cudaStreamSynchronize(stream), fn, "synchronizing the stream");
-  }
+  std::vector<int64_t> host = fetch_index_map(map, fn, stream);
   TensorView h = map;
   h.device = Device::cpu;
   h.device_id = 0;

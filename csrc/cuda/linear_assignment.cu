@@ -20,13 +20,15 @@ void linear_assignment(const TensorView& cost, bool maximize, const TensorView& 
   h.device_id = 0;
   h.data = host.data();
   if (n_rows > 0 && n_cols > 0) {
-    if (cost.strides[1] == 1 || n_cols == 1) {  // rows are contiguous: one pitched copy
+    // cudaMemcpy2D takes a pitch >= the row width: overlapping or broadcast rows (stride 0, an
+    // expanded cost) and negative strides go through the device gather below, as any other layout.
+    if ((cost.strides[1] == 1 || n_cols == 1) && (n_rows == 1 || cost.strides[0] >= n_cols)) {  // pitched rows
       check_cuda(cudaMemcpy2DAsync(host.data(), n_cols * es, cost.data, (n_rows == 1 ? n_cols : cost.strides[0]) * es,
                                    n_cols * es, n_rows, cudaMemcpyDeviceToHost, stream),
                  fn, "copying cost to the host");
       h.strides[0] = n_cols;
       h.strides[1] = 1;
-    } else if (cost.strides[0] == 1) {  // a transposed view: copy its columns, keep the strides
+    } else if (cost.strides[0] == 1 && cost.strides[1] >= n_rows) {  // a transposed view: copy its columns
       check_cuda(cudaMemcpy2DAsync(host.data(), n_rows * es, cost.data, cost.strides[1] * es, n_rows * es, n_cols,
                                    cudaMemcpyDeviceToHost, stream),
                  fn, "copying cost to the host");

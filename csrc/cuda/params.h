@@ -84,6 +84,35 @@ inline void map_args(const TensorView* map, const int64_t*& ptr, int64_t& stride
   stride = map ? map->strides[0] : 0;
 }
 
+// ---- Host copies of strided device vectors (index maps) ----------------------------------
+// cudaMemcpy2D needs a pitch >= the row width and >= 0, so a vector of n elements `stride` apart
+// is fetched as `rows` rows of one element, `pitch` elements apart, starting `first` elements from
+// its data pointer; stride 0 (an expanded map) fetches its one element, a negative stride fetches
+// the same memory upward and reverses it.
+struct StridedFetch {
+  int64_t first = 0, pitch = 1, rows = 0;
+  bool reverse = false;
+};
+inline StridedFetch strided_fetch(int64_t n, int64_t stride) {
+  StridedFetch f;
+  if (n == 0) return f;
+  if (stride == 0 || n == 1) {
+    f.rows = 1;
+    return f;
+  }
+  f.rows = n;
+  f.pitch = stride < 0 ? -stride : stride;
+  f.reverse = stride < 0;
+  f.first = stride < 0 ? (n - 1) * stride : 0;
+  return f;
+}
+// The fetched rows -> host[i] = element i of the vector.
+template <typename T>
+void strided_fetch_finish(const StridedFetch& f, int64_t n, std::vector<T>& host) {
+  if (f.rows == 1 && n > 1) host.assign(static_cast<size_t>(n), host[0]);
+  if (f.reverse) std::reverse(host.begin(), host.end());
+}
+
 // ---- permute_pad ---------------------------------------------------------------------------
 template <typename Bits>
 PermutePadParams<Bits> permute_pad_params(const TensorView& w, const TensorView* rows, const TensorView* cols,
@@ -197,7 +226,8 @@ struct CostTermInput {
 };
 
 // Splits the terms into launches of at most kMaxCostTermsPerLaunch (later ones accumulate) and
-// lays each launch's k-tiles end to end. bk: the kernel's k-tile depth.
+// lays each launch's k-tiles end to end. bk: the kernel's k-tile depth. T: the output type (float
+// for float32/float16/bfloat16 terms, double for float64).
 template <typename T>
 std::vector<CostParams<T>> cost_params(const std::vector<CostTermInput>& terms, const TensorView& out, int bk) {
   std::vector<CostParams<T>> launches;
@@ -214,6 +244,9 @@ std::vector<CostParams<T>> cost_params(const std::vector<CostTermInput>& terms, 
       CostTermDesc& d = p.terms[p.n_terms++];
       d.a = in.a.data;
       d.b = in.b.data;
+      d.storage = in.a.dtype == DType::f16    ? CostStorage::f16
+                  : in.a.dtype == DType::bf16 ? CostStorage::bf16
+                                              : CostStorage::native;
       d.sa0 = in.a.strides[0];
       d.sa1 = in.a.strides[1];
       d.sb0 = in.b.strides[0];

@@ -24,6 +24,8 @@ Plan interpolate(const TensorView& a, const TensorView& b, const std::vector<dou
 Plan weighted_sum(const std::vector<TensorView>& tensors, const std::vector<double>& coeffs, int64_t K,
                   const TensorView& out, int64_t grid_cap);
 Plan cost_matrix(const std::vector<gpu::CostTermInput>& terms, const TensorView& out, CostPrecision precision);
+// The host copy of a device index map, element i of the map at [i], for any stride.
+std::vector<int64_t> fetch_index_map(const TensorView& map);
 
 // Visits every thread of grid g (capped) as the GPU would launch it.
 template <typename Fn>

@@ -16,9 +16,14 @@
 namespace hm {
 
 // ---- Terms and the inner-index mapping -----------------------------------------------------
+// Storage of a term's A and B: the launch's T, or float16 / bfloat16 upcast to float while staging
+// (a runtime switch, uniform across the block, instead of one kernel per storage type).
+enum class CostStorage : int { native = 0, f16 = 1, bf16 = 2 };
+
 struct CostTermDesc {
-  const void* a;  // [n_a, k] of the launch's dtype, strides (sa0, sa1) in elements
+  const void* a;  // [n_a, k] of the storage type, strides (sa0, sa1) in elements
   const void* b;  // [n_b, k' * block], strides (sb0, sb1)
+  CostStorage storage;
   int64_t sa0, sa1, sb0, sb1;
   const int64_t* map;  // [k / block] int64 (stride map_stride), -1 = padding; null = identity
   int64_t map_stride;
@@ -30,7 +35,7 @@ struct CostTermDesc {
 };
 constexpr int kMaxCostTermsPerLaunch = 16;  // more terms: further launches accumulate into C
 
-template <typename T>  // T: float or double (inputs and output)
+template <typename T>  // T: float (float32/float16/bfloat16 inputs) or double; the output and accumulator type
 struct CostParams {
   CostTermDesc terms[kMaxCostTermsPerLaunch];
   int n_terms;
@@ -141,11 +146,25 @@ struct CostStaging {
   bool a_k_fast, b_k_fast;
 };
 
-// Finds the term holding k-tile s, starting from the term of an earlier tile.
+// Finds the term holding k-tile s, starting from the term of an earlier tile (or 0). Terms with
+// no tile (k = 0) share their tile_begin with the next term and are stepped over.
 template <typename T>
 HM_HD int cost_term_of_tile(const CostParams<T>& p, int64_t s, int hint) {
   while (hint + 1 < p.n_terms && p.terms[hint + 1].tile_begin <= s) ++hint;
   return hint;
+}
+
+// Element `off` of operand `base` of term d, in the launch's type T (float16/bfloat16 upcast).
+template <typename T> HM_HD T cost_load_as(const CostTermDesc& d, const void* base, int64_t off);
+template <> HM_HD double cost_load_as<double>(const CostTermDesc&, const void* base, int64_t off) {
+  return static_cast<const double*>(base)[off];
+}
+template <> HM_HD float cost_load_as<float>(const CostTermDesc& d, const void* base, int64_t off) {
+  switch (d.storage) {
+    case CostStorage::f16: return half_to_float(static_cast<const uint16_t*>(base)[off]);
+    case CostStorage::bf16: return bf16_to_float(static_cast<const uint16_t*>(base)[off]);
+    default: return static_cast<const float*>(base)[off];
+  }
 }
 
 // Loads this thread's share of k-tile s of A (rows row0..) and B (rows col0..) into registers,
@@ -157,8 +176,6 @@ HM_HD void cost_load_tile(const CostParams<T>& p, int term, int64_t s, int64_t r
   using Stage = CostStaging<BM, BN, BK, THREADS, Op>;
   const CostTermDesc& d = p.terms[term];
   const int64_t k0 = (s - d.tile_begin) * BK;
-  const T* A = static_cast<const T*>(d.a);
-  const T* B = static_cast<const T*>(d.b);
   st.a_k_fast = d.a_k_fast;
   st.b_k_fast = d.b_k_fast;
   for (int n = 0; n < Stage::kLoadsA; ++n) {
@@ -166,7 +183,7 @@ HM_HD void cost_load_tile(const CostParams<T>& p, int term, int64_t s, int64_t r
     cost_tile_coords<BM, BK>(thread + n * THREADS, d.a_k_fast, row, kk);
     const int64_t i = row0 + row, q = k0 + kk;
     T v = T(0);
-    if (i < p.n_a && q < d.k && cost_b_column(d, q) >= 0) v = A[i * d.sa0 + q * d.sa1];
+    if (i < p.n_a && q < d.k && cost_b_column(d, q) >= 0) v = cost_load_as<T>(d, d.a, i * d.sa0 + q * d.sa1);
     st.a[n] = operand_convert<P>::apply(v);
   }
   for (int n = 0; n < Stage::kLoadsB; ++n) {
@@ -176,7 +193,7 @@ HM_HD void cost_load_tile(const CostParams<T>& p, int term, int64_t s, int64_t r
     T v = T(0);
     if (j < p.n_b && q < d.k) {
       const int64_t c = cost_b_column(d, q);
-      if (c >= 0) v = B[j * d.sb0 + c * d.sb1];
+      if (c >= 0) v = cost_load_as<T>(d, d.b, j * d.sb0 + c * d.sb1);
     }
     st.b[n] = operand_convert<P>::apply(v);
   }
@@ -194,6 +211,37 @@ HM_HD void cost_store_tile(const CostStaging<BM, BN, BK, THREADS, Op>& st, int t
     int row, kk;
     cost_tile_coords<BN, BK>(thread + n * THREADS, st.b_k_fast, row, kk);
     Bs[cost_smem_index<K_MAJOR, BN, BK, PAD>(row, kk)] = st.b[n];
+  }
+}
+
+// ---- The k-tile schedule of one block (shared by the kernels and the emulation) -----------
+// Runs the phase sequence of the file header over every k-tile of the launch; `steps` supplies
+// what differs between backends: load(term, s) stages k-tile s of `term` into registers,
+// store(buf) writes the staged registers to shared buffer buf, compute(buf) multiplies buffer buf,
+// barrier() is __syncthreads() (the emulation runs each step for every thread of the block, so
+// its barrier is a no-op). The term of every tile, the first included, comes from
+// cost_term_of_tile: a launch whose first terms have no tile (k = 0) starts at a later term.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename T, class Steps>
+HM_HD void cost_tile_schedule(const CostParams<T>& p, Steps& steps) {
+  int term = 0;
+  if (p.n_tiles > 0) {
+    term = cost_term_of_tile(p, 0, term);
+    steps.load(term, int64_t(0));
+    steps.store(0);
+  }
+  steps.barrier();
+  for (int64_t s = 0; s < p.n_tiles; ++s) {
+    const bool next = s + 1 < p.n_tiles;
+    if (next) {  // global loads of tile s+1 are in flight while tile s is multiplied
+      term = cost_term_of_tile(p, s + 1, term);
+      steps.load(term, s + 1);
+    }
+    steps.compute(static_cast<int>(s & 1));
+    if (next) steps.store(static_cast<int>((s + 1) & 1));
+    steps.barrier();
   }
 }
 

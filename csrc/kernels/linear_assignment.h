@@ -55,7 +55,8 @@ struct Cands {
 
 HM_LA_KERNELS(portable, float)
 HM_LA_KERNELS(portable, double)
-#if defined(__x86_64__) || defined(__i386__)
+// HETMERGE_X86_SIMD: set by CMake when the *_avx2.cpp sources are compiled in (x86 only).
+#if HETMERGE_X86_SIMD
 #define HM_LA_HAVE_AVX2_KERNELS 1
 HM_LA_KERNELS(avx2, float)
 HM_LA_KERNELS(avx2, double)

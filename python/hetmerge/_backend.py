@@ -46,7 +46,9 @@ def index_map(m: Any, fn: str, arg: str, like: Array) -> Array | None:
         if isinstance(m, torch.Tensor):
             if m.dtype.is_floating_point or m.dtype.is_complex or m.dtype == torch.bool:
                 raise TypeError(f"{fn}: {arg} must be an integer index map, got {m.dtype}")
-            return m.detach().to(device=like.device, dtype=torch.int64)
+            # No detach (integer tensors carry no grad): a map already on the device and int64 stays the
+            # same object, which the CUDA backend validates once, not on every call.
+            return m.to(device=like.device, dtype=torch.int64)
         arr = np.asarray(m)
         _check_integer(arr, fn, arg)
         return torch.as_tensor(arr.astype(np.int64, copy=False), device=like.device)

@@ -110,7 +110,8 @@ def cost_matrix(terms: Sequence[Any], *, out: Any = None, precision: str = "fp32
 
     terms: sequence of (A, B, map, block) (map and block optional: None and 1), with
     A: [n_a, k·block], B: [n_b, k'·block], map: [k] int64 into B's k' inner groups (-1 = skip) or None.
-    Returns C: [n_a, n_b], float32 (float64 for float64 inputs):
+    A and B: float32, float64, float16 or bfloat16 (one dtype per call).
+    Returns C: [n_a, n_b], float32 (float64 for float64 inputs; float16/bfloat16 accumulate in float32):
     ``C[i, j] = sum_terms sum_{q: map[q] >= 0} sum_{r < block} A[i, q·block + r] · B[j, map[q]·block + r]``.
     precision: "fp32" computes in the input dtype; on CUDA, float32 inputs may use tensor cores
     with "tf32", "bf16" or "fp16" operands and float32 accumulation (accuracy in docs/cuda.md).
@@ -136,7 +137,7 @@ def cost_matrix(terms: Sequence[Any], *, out: Any = None, precision: str = "fp32
     A0, B0 = norm[0][0], norm[0][1]
     n_a = int(A0.shape[0]) if A0.ndim >= 1 else 0
     n_b = int(B0.shape[0]) if B0.ndim >= 1 else 0
-    out = B.empty_like_framework((n_a, n_b), A0) if out is None else B.check_out(out, fn, A0)
+    out = B.empty_like_framework((n_a, n_b), A0, _cost_out_dtype(A0)) if out is None else B.check_out(out, fn, A0)
     mod, extra = B.backend(A0, fn)
     if B.is_cuda(A0):
         extra["precision"] = precision
@@ -144,6 +145,16 @@ def cost_matrix(terms: Sequence[Any], *, out: Any = None, precision: str = "fp32
         raise ValueError(f"{fn}: precision={precision!r} uses CUDA tensor cores; CPU inputs support only 'fp32'")
     mod.cost_matrix(norm, out, **extra)
     return out
+
+
+def _cost_out_dtype(a: Any):
+    """C's dtype for inputs like ``a``: float64 stays float64, everything else gives float32."""
+    import numpy as np
+    import torch
+
+    if B.is_torch(a):
+        return torch.float64 if a.dtype == torch.float64 else torch.float32
+    return np.float64 if a.dtype == np.float64 else np.float32
 
 
 def linear_assignment(cost: Any, maximize: bool = False):
