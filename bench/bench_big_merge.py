@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from hetmerge import ops
-from hetmerge.checkpoint import LazyState, StreamWriter, stream_merge
-from hetmerge.merging import MergeItem
+from hetmerge.checkpoint import LazyState, StreamWriter
+from hetmerge.merging import MergeItem, stream_merge
 
 LAM = 0.3
 IN_DIM, OUT_DIM = 1024, 10

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hetmerge import ops
-from hetmerge.merging import MergeItem
+from hetmerge.merging import MergeItem, stream_merge
 from hetmerge.checkpoint import (CheckpointError, LazyState, StreamWriter, UnsafeCheckpointError, atomic_write,
-                                 detect_format, load_state, save_state, stream_merge)
+                                 detect_format, load_state, save_state)
 
 
 def _state(dtype=torch.float32):

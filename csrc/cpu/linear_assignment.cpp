@@ -22,7 +22,7 @@
 #include "common/errors.h"
 #include "common/parallel.h"
 #include "cpu/cpu_ops.h"
-#include "kernels/linear_assignment.h"
+#include "cpu/linear_assignment_kernels.h"
 
 namespace hm::la {
 namespace {

@@ -1,10 +1,10 @@
-// AVX2 versions of the linear assignment inner loops (contracts in kernels/linear_assignment.h).
+// AVX2 versions of the linear assignment inner loops (contracts in cpu/linear_assignment_kernels.h).
 // Compiled with -mavx2 -mfma and called only after a runtime CPU check; this file uses no STL and
 // shares no inline helpers with other files, so no AVX2 code can leak into the portable paths.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#include "kernels/linear_assignment.h"
+#include "cpu/linear_assignment_kernels.h"
 
 namespace hm::la {
 namespace {

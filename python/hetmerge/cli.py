@@ -535,8 +535,8 @@ def cmd_align(args, ui: UI) -> int:
 def cmd_merge(args, ui: UI) -> int:
     import torch
 
-    from .checkpoint import LazyState, detect_format, save_state, stream_merge
-    from .merging import merge_items
+    from .checkpoint import LazyState, detect_format, save_state
+    from .merging import merge_items, stream_merge
 
     plan = _plan_from_args(args)
     o = plan.options

@@ -4,7 +4,7 @@ tensors, used by every merge in hetmerge.
     pairing + maps + λ  ->  merge_items()  ->  MergeItem per paired tensor (λ decided here, once)
     MergeItem + base/target tensor sources  ->  merge_tensor()  ->  [K, rows...] (K factors at once)
 
-and three sinks on top of it: ``merge`` (a new module), ``checkpoint.stream_merge`` (row blocks of
+and three sinks on top of it: ``merge`` (a new module), ``stream_merge`` (row blocks of
 memory-mapped safetensors into a streaming writer) and ``evaluate.sweep`` (K stacked copies for a
 batched forward). A tensor source is any Mapping of tensors; sources with ``get_rows`` /
 ``gather_rows`` (checkpoint.LazyState) are read block by block without loading whole tensors.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,7 +24,7 @@ from . import ops
 from .maps import transform
 from .spec import Pairing
 
-__all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "resolve", "layer_lams"]
+__all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", "resolve", "layer_lams"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,54 @@ def resolve(base: nn.Module, target: nn.Module, res, layer_map=None) -> tuple[Pa
         raise ValueError("res: expected an AlignResult from hm.align or an hm.Alignment (or None for the "
                          "unaligned baseline)")
     return res.pairing, res.maps
+
+
+def stream_merge(base, target, out_path: str | os.PathLike, items, fill: str = "zero",
+                 metadata: Mapping[str, str] | None = None, progress=None, chunk_bytes: int = 64 << 20) -> dict:
+    """Merge two memory-mapped safetensors checkpoints into `out_path`, streaming.
+
+    items: the merge engine's MergeItems (``merging.merge_items``) for the tensors to merge; every
+    other base tensor is copied as is. Each merged tensor is ``merging.merge_tensor`` of the item,
+    computed in blocks of base rows of about `chunk_bytes` and written as soon as each block is done.
+    Inputs are memory-mapped per block and unmapped after it, so peak resident memory is a few blocks
+    (plus the target rows they gather), not two whole models, nor even one whole tensor.
+    progress(key, nbytes) is called per tensor. Returns {"tensors", "bytes", "seconds"}.
+    """
+    import time
+
+    from .checkpoint import CheckpointError, StreamWriter
+
+    t0 = time.perf_counter()
+    by_key = {it.base_key: it for it in items}
+    unknown = [k for k in by_key if k not in base.infos]
+    if unknown:
+        raise CheckpointError(f"{base.path}: no tensor(s) {unknown[:3]} named in the merge")
+    entries = [(k, i.dtype, i.shape) for k, i in base.infos.items()]
+    done = 0
+    with StreamWriter(out_path, entries, metadata) as w:
+        for k, dt, shape in entries:
+            info = base.infos[k]
+            item = by_key.get(k)
+            n0 = shape[0] if shape else 1
+            step = max(1, chunk_bytes // max(1, info.nbytes // max(1, n0)))
+            copy = item is None or not dt.is_floating_point or not shape
+            if not copy and item.target_key not in target.infos:
+                raise CheckpointError(f"{target.path}: no tensor {item.target_key!r} (paired with base {k!r})")
+            for i0 in range(0, n0, step):
+                i1 = min(n0, i0 + step)
+                if copy:
+                    a = base.get_rows(k, i0, i1) if shape else base.get(k)
+                    w.write_part(k, a)
+                    del a   # drops the mapping: its pages leave this process's resident set
+                else:
+                    out = merge_tensor(item, base, target, fill=fill, row_range=(i0, i1))
+                    w.write_part(k, out[0])
+                    del out
+            w.end_tensor(k)
+            done += info.nbytes
+            if progress is not None:
+                progress(k, info.nbytes)
+    return {"tensors": len(entries), "bytes": done, "seconds": time.perf_counter() - t0}
 
 
 def merge(base: nn.Module, target: nn.Module, res=None, lam=0.5, fill: str = "zero",

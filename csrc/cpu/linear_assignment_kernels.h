@@ -1,3 +1,4 @@
+// CPU only (no __host__ __device__ body: the CUDA backend runs this solver on the host).
 // Inner loops of the CPU linear assignment solver (csrc/cpu/linear_assignment.cpp), in a portable
 // and an AVX2 flavour. Declarations only: the AVX2 file is compiled with -mavx2, so it must share no
 // inline code with the portable file (the linker could keep the AVX2 copy of an inline function).
