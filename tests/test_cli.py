@@ -224,10 +224,10 @@ def test_errors_have_messages_and_exit_codes(ckpts, tmp_path, capsys):
     assert code == EXIT_INCOMPATIBLE and "'fc0.weight' is (48, 64) in the file but (16, 64)" in err
 
     code, _, err = run(capsys, "inspect", base, target, "--layer-map", "fc0=fc7")
-    assert code == EXIT_INCOMPATIBLE and "fc7" in err and "Fix layer_map" in err
+    assert code == EXIT_USAGE and "fc7" in err and "Fix layer_map" in err
 
     code, _, err = run(capsys, "merge", base, target, "--lam", "fc9=0.5", "-o", tmp_path / "x.safetensors")
-    assert code == EXIT_INCOMPATIBLE and "fc9" in err
+    assert code == EXIT_USAGE and "fc9" in err
     assert not (tmp_path / "x.safetensors").exists()
 
     other = tmp_path / "other.safetensors"

@@ -169,3 +169,61 @@ class _no_warning:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# λ outside [0, 1]: an error naming the layer and value, or exact extrapolation when asked
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lam, needle", [
+    (1.5, r"lam = 1.5 is outside \[0, 1\]"),
+    (-0.25, r"lam = -0.25 is outside \[0, 1\]"),
+    (float("nan"), r"lam = nan is not a finite number"),
+    ({"fc0": 0.5, "fc1": 1.01}, r"lam\['fc1'\] = 1.01 is outside \[0, 1\]"),
+    ({"fc0": float("nan")}, r"lam\['fc0'\] = nan is not a finite number"),
+    ({"#1": -1.0}, r"lam\['#1'\] = -1.0 is outside \[0, 1\]"),
+])
+def test_merge_accepted_lam_outside_unit_interval_silently(lam, needle):
+    base, target = trained_mlp((64, 32), 0), trained_mlp((64, 32), 1)
+    res = hm.align(base, target)
+    with pytest.raises(ValueError, match=needle):
+        hm.merge(base, target, res, lam=lam)
+    if "finite" in needle:    # NaN stays an error, extrapolating or not
+        with pytest.raises(ValueError, match=needle):
+            hm.merge(base, target, res, lam=lam, extrapolate=True)
+    else:
+        hm.merge(base, target, res, lam=lam, extrapolate=True)
+
+
+def test_merge_extrapolates_exactly_when_asked():
+    base, target = trained_mlp((64, 32), 0), trained_mlp((48, 32), 1)
+    res = hm.align(base, target)
+    for lam in (1.5, -0.5):
+        m = hm.merge(base, target, res, lam=lam, extrapolate=True)
+        # independent reference: (1 - λ)·A + λ·B[rows][:, cols], zero where the map pads
+        src0, src1 = res.maps["fc0"], res.maps["fc1"]
+        tb0 = target.fc0.weight.detach()[src0.clamp(min=0)] * (src0 >= 0)[:, None]
+        torch.testing.assert_close(m.fc0.weight, (1 - lam) * base.fc0.weight + lam * tb0)
+        tb1 = target.fc1.weight.detach()[src1][:, src0.clamp(min=0)] * (src0 >= 0)[None, :]
+        torch.testing.assert_close(m.fc1.weight, (1 - lam) * base.fc1.weight + lam * tb1)
+        torch.testing.assert_close(m.head.bias, (1 - lam) * base.head.bias + lam * target.head.bias)
+    per_layer = hm.merge(base, target, res, lam={"fc1": 2.0}, extrapolate=True)
+    assert torch.equal(per_layer.fc0.weight, base.fc0.weight)
+    with pytest.raises(ValueError, match=r"lam\['fc1'\] = 2.0 is outside \[0, 1\]"):
+        hm.merge(base, target, res, lam={"fc1": 2.0})
+
+
+def test_sweep_accepted_lambdas_outside_unit_interval_silently():
+    base, target = trained_mlp((64, 32), 0), trained_mlp((64, 32), 1)
+    d = digits()
+    res = hm.align(base, target)
+    for bad, needle in ((1.2, r"lambdas\[1\] = 1.2 is outside \[0, 1\]"),
+                        (float("nan"), r"lambdas\[1\] = nan is not a finite number")):
+        with pytest.raises(ValueError, match=needle):
+            hm.sweep(base, target, res, [0.0, bad], data=(d.X_test, d.y_test))
+    curve = hm.sweep(base, target, res, [-0.2, 0.5, 1.2], data=(d.X_test, d.y_test), extrapolate=True)
+    for i, lam in enumerate((-0.2, 0.5, 1.2)):
+        m = hm.merge(base, target, res, lam=lam, extrapolate=True)
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(m(d.X_test), d.y_test).item()
+        assert curve.loss[i].item() == pytest.approx(loss, rel=1e-4, abs=1e-5)

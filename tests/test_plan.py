@@ -93,7 +93,7 @@ def test_flags_are_generated_from_options():
 
 
 def test_layer_map_forms():
-    assert parse_layer_map("fc0=fc0, fc1=2") == {"fc0": "fc0", "fc1": 2}
+    assert parse_layer_map("fc0=fc0, fc1=2") == {"fc0": "fc0", "fc1": "2"}
     assert parse_layer_map([["fc0", "fc1"]]) == {"fc0": "fc1"}
     with pytest.raises(PlanError, match="base=target pairs"):
         parse_layer_map("fc0")

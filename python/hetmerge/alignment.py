@@ -287,7 +287,12 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
 
     method: "weight" (weight matching) or "activation" (correlation of hidden activations on `data`:
       a tensor X or (X, y); links without activations fall back to weight matching).
-    layer_map: None (shallow to shallow), {base layer: target layer} by name or index, or pairs.
+    layer_map: None (shallow to shallow; residual nets within stages, block i of stage s with block i
+      of stage s), {base layer: target layer}, or [(base, target)] pairs. Keys are layer names, and a
+      name that exists is that layer, always: {"2": "2"} pairs the nn.Sequential layers named 2. A
+      position is written "#N" (0-based, in spec.layers order): {"#1": "#2"}. An unknown name or an
+      out-of-range position raises LayerMapError (a SpecError and KeyError) naming the valid ones;
+      no layer pairs at all raises NothingToAlignError.
     restarts: number of seeded random orders (seed, seed+1, ...); the best objective wins.
     max_iter, tol: stop after max_iter sweeps or when a sweep gains less than tol (relative).
     objective: "inner" (default) or "l2" (they differ where target units are dropped).

@@ -208,23 +208,27 @@ def _plan_inputs(plan) -> list:
 
 
 def _prepare(base, target, layer_map):
-    """Pairing of two modules, with library errors turned into what-to-change messages."""
+    """Pairing of two modules, with library errors turned into what-to-change messages: a layer
+    map key that names no layer is a bad argument (exit 2), models with nothing to pair or layers
+    of different kinds paired are incompatible (exit 4)."""
     import warnings
 
     from .alignment import prepare
-    from .spec import SpecError
+    from .plan import PlanError
+    from .spec import LayerMapError, NothingToAlignError, SpecError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             pairing, bspec, tspec = prepare(base, target, layer_map)
+        except LayerMapError as exc:
+            raise PlanError(f"{exc}. Fix layer_map") from None
+        except NothingToAlignError as exc:
+            raise IncompatibleError(str(exc)) from None
         except SpecError as exc:
             raise IncompatibleError(f"{exc}. Change layer_map so that it pairs layers of the same kind "
                                     "(Linear with Linear, ConvNd with ConvNd of equal kernel size), or "
                                     "describe the model with a factory that fx can trace") from None
-        except KeyError as exc:
-            msg = exc.args[0] if exc.args else str(exc)
-            raise IncompatibleError(f"{msg}. Fix layer_map") from None
     return pairing, bspec, tspec, [str(w.message) for w in caught]
 
 
@@ -491,12 +495,7 @@ def cmd_inspect(args, ui: UI) -> int:
     ui.out(f"  sweep of {K} λ: both models + stacked merged weights {_human(sweep_chunk)} = {_human(mem['sweep_peak'])}")
     for w in info["warnings"]:
         ui.warn(w)
-    lam = o.lam
-    if isinstance(lam, dict):
-        stray = [k for k in lam if k not in pairing.layer_map]
-        if stray:
-            raise IncompatibleError(f"lam: layer(s) {stray} are not paired base layers "
-                                    f"{sorted(pairing.layer_map)}; set λ only for paired layers")
+    _layer_lams(o.lam, pairing)
     ui.out("")
     ui.out("plan OK: these models can be aligned and merged as planned")
     if args.json:
@@ -532,6 +531,25 @@ def cmd_align(args, ui: UI) -> int:
     return EXIT_OK
 
 
+def _layer_lams(lam, pairing):
+    """The plan's λ with per-layer keys resolved like layer-map keys (hm.merge's own rule): a key
+    naming no layer is a bad argument (exit 2), one naming an unpaired layer is incompatible (4)."""
+    from .merging import layer_lams
+    from .plan import PlanError
+    from .spec import LayerMapError, resolve_layer
+
+    if isinstance(lam, dict):
+        for k in lam:
+            try:
+                resolve_layer(k, pairing.base_layers, "lam", "base", label="")
+            except LayerMapError as exc:
+                raise PlanError(str(exc)) from None
+    try:
+        return layer_lams(pairing, lam)
+    except LayerMapError as exc:
+        raise IncompatibleError(f"{exc}; set λ only for paired layers") from None
+
+
 def cmd_merge(args, ui: UI) -> int:
     import torch
 
@@ -557,17 +575,14 @@ def cmd_merge(args, ui: UI) -> int:
     pairing, _, _, warns = _prepare(base, target, plan.layer_map)
     for w in warns:
         ui.warn(w)
-    if isinstance(o.lam, dict):
-        stray = [k for k in o.lam if k not in pairing.layer_map]
-        if stray:
-            raise IncompatibleError(f"lam: layer(s) {stray} are not paired base layers {sorted(pairing.layer_map)}")
+    lams = _layer_lams(o.lam, pairing)
     data = _eval_data(o.data, base, "cpu") if o.method == "activation" and plan.alignment is None else None
     alignment, _ = _alignment_for(plan, base, target, pairing, ui, data)
     meta = {"created_by": "hetmerge merge", "base": str(plan.base.weights), "target": str(plan.target.weights),
             "lam": json.dumps(o.lam), "fill": o.fill}
     t0 = time.perf_counter()
     if streamable:
-        items = merge_items(alignment.pairing, alignment.maps, o.lam)
+        items = merge_items(alignment.pairing, alignment.maps, lams)
         lb = LazyState(plan.base.weights, plan.base.key_prefix, plan.base.sub_key)
         lt = LazyState(plan.target.weights, plan.target.key_prefix, plan.target.sub_key)
         bar = ui.bar(total=lb.nbytes, desc="merge", unit="B", unit_scale=True)
@@ -753,8 +768,9 @@ def _model_args(p: argparse.ArgumentParser, positional_required: bool) -> None:
                    "with ReLU assumed)")
     g.add_argument("--base-arch", metavar="DESC", help="architecture of the base only")
     g.add_argument("--target-arch", metavar="DESC", help="architecture of the target only")
-    g.add_argument("--layer-map", metavar="MAP", help="base=target layer pairs, e.g. fc0=fc0,fc1=fc2 "
-                   "(default: shallow to shallow)")
+    g.add_argument("--layer-map", metavar="MAP", help="base=target layer pairs by name, e.g. fc0=fc0,fc1=fc2 "
+                   "(a name that exists is that layer: 2=2 pairs nn.Sequential's layers named 2); '#N' "
+                   "is the layer at position N, e.g. '#1=#2' (default: shallow to shallow)")
     _layout_args(g)
 
 

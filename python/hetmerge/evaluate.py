@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from .merging import merge_items, merge_tensor, resolve
+from .merging import check_lam, merge_items, merge_tensor, resolve
 
 __all__ = ["SweepResult", "sweep", "barrier", "lam_star", "recompute_bn"]
 
@@ -193,11 +193,12 @@ def _shallow(m: nn.Module) -> nn.Module:
 def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any = None,
           target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
           loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
-          max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True) -> SweepResult:
+          max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True, extrapolate: bool = False) -> SweepResult:
     """Evaluate the merge of `target` into `base` at K merging factors at once.
 
     res: AlignResult, or None for the unaligned baseline (maps by position).
-    lambdas: [K] factors in [0, 1] (default 0, 0.05, ..., 1).
+    lambdas: [K] factors in [0, 1] (default 0, 0.05, ..., 1); outside [0, 1] or NaN: ValueError
+      naming the value, unless extrapolate=True (then (1 - λ)·base + λ·target past the endpoints).
     data: base-domain (X, y) tensors or an iterable of (X, y) batches; target_data likewise (optional).
     tol: accuracy tolerance of λ* as a fraction (0.01 = 1 point).
     loss_fn: (logits [N, C], y [N]) -> per-sample losses [N]; default cross-entropy.
@@ -215,6 +216,8 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     if lambdas is None:
         lambdas = torch.linspace(0, 1, 21)
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1)
+    for i, x in enumerate(lambdas.tolist()):   # the same rule as hm.merge's lam
+        check_lam(x, f"lambdas[{i}]", extrapolate)
     # λ grids often arrive as float32 (torch.linspace), where 0.1 is 0.10000000149: snap to 1e-6 so
     # λ*, the chosen λ and the report read as written (the change is far below any merge effect)
     lambdas = torch.round(lambdas * 1e6) / 1e6

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -22,9 +23,10 @@ import torch.nn as nn
 
 from . import ops
 from .maps import transform
-from .spec import Pairing
+from .spec import LayerMapError, Pairing, resolve_layer
 
-__all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", "resolve", "layer_lams"]
+__all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", "resolve", "layer_lams",
+           "check_lam"]
 
 
 @dataclass(frozen=True)
@@ -42,26 +44,39 @@ class MergeItem:
 def layer_lams(pairing: Pairing, lam, extrapolate: bool = False) -> dict[str, float]:
     """λ per paired base layer: a float applies to every paired layer; a {layer: λ} dict to the
     layers it lists, unlisted layers getting 0 (they keep the base's weights). The one place where
-    that default is decided."""
+    that default is decided. Keys resolve like layer-map keys (spec.resolve_layer: a name that
+    exists is that layer, "#N" a position)."""
     layers = list(pairing.layer_map)
     if isinstance(lam, Mapping):
-        stray = [k for k in lam if k not in pairing.layer_map]
-        if stray:
-            raise KeyError(f"lam: {stray[0]!r} is not a paired base layer; paired layers: {sorted(layers)}")
         out = {layer: 0.0 for layer in layers}
-        out.update({k: _check_lam(v, f"lam[{k!r}]", extrapolate) for k, v in lam.items()})
+        given: dict[str, Any] = {}
+        for k, v in lam.items():
+            name = resolve_layer(k, pairing.base_layers or layers, "lam", "base", label="")
+            if name not in pairing.layer_map:
+                raise LayerMapError(f"lam: {k!r} is not a paired base layer; paired layers: {layers} "
+                                    "(unpaired layers keep the base's weights)")
+            if name in given:
+                raise LayerMapError(f"lam: keys {given[name]!r} and {k!r} are both base layer {name!r}")
+            out[name] = check_lam(v, f"lam[{k!r}]", extrapolate)
+            given[name] = k
         return out
-    value = _check_lam(lam, "lam", extrapolate)
+    value = check_lam(lam, "lam", extrapolate)
     return {layer: value for layer in layers}
 
 
-def _check_lam(v: Any, where: str, extrapolate: bool) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not (torch.is_tensor(v) and v.numel() == 1):
-        raise TypeError(f"{where}: expected a number, got {v!r}")
-    v = float(v)
-    if math.isnan(v) or (not extrapolate and not 0.0 <= v <= 1.0):
-        raise ValueError(f"{where} = {v} is outside [0, 1] (pass extrapolate=True to extrapolate)")
-    return v
+def check_lam(value: Any, where: str = "lam", extrapolate: bool = False) -> float:
+    """One merging factor as a float: finite, and in [0, 1] unless `extrapolate` (then the merge is
+    still (1 - λ)·base + λ·target, read past the endpoints)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
+            torch.is_tensor(value) and value.numel() == 1):   # numbers.Real: numpy scalars too
+        raise TypeError(f"{where}: expected a number, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{where} = {x} is not a finite number")
+    if not extrapolate and not 0.0 <= x <= 1.0:
+        raise ValueError(f"{where} = {x} is outside [0, 1] (0 = base, 1 = target); pass extrapolate=True "
+                         "to extrapolate (1 - λ)·base + λ·target")
+    return x
 
 
 def merge_items(pairing: Pairing, maps: Mapping[str, torch.Tensor], lam=1.0,

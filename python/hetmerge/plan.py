@@ -342,7 +342,11 @@ def _strict_yaml_loader(p: Path):
 
 
 def parse_layer_map(v: Any, where: str = "layer_map") -> dict | None:
-    """{base layer: target layer} (names or integer indices); CLI form "fc0=fc0,fc1=fc2"."""
+    """{base layer: target layer} as strings; CLI form "fc0=fc0,fc1=fc2".
+
+    Keys stay strings here: "2" is the layer named 2 (nn.Sequential), "#2" the layer at position 2.
+    Which layer a key designates is decided against the models by spec.resolve_layer, the one
+    resolver of layer maps and per-layer λ (a YAML int key 2 is the name "2" as well)."""
     if v is None:
         return None
     if isinstance(v, str):
@@ -358,12 +362,14 @@ def parse_layer_map(v: Any, where: str = "layer_map") -> dict | None:
         raise PlanError(f"{where}: expected a mapping base layer -> target layer, got {type(v).__name__}")
 
     def norm(x):
-        if isinstance(x, bool):
-            raise PlanError(f"{where}: layer {x!r} must be a name or an index")
-        if isinstance(x, int):
-            return x
+        if isinstance(x, bool) or not isinstance(x, (str, int)):
+            raise PlanError(f"{where}: layer {x!r} must be a layer name or '#N' (a position)")
         x = str(x).strip()
-        return int(x) if x.lstrip("-").isdigit() else x
+        if not x:
+            raise PlanError(f"{where}: empty layer name")
+        if x.startswith("#") and not x[1:].strip().isdigit():
+            raise PlanError(f"{where}: {x!r}: a position is '#' and a number, like '#2'")
+        return x
     out = {norm(k): norm(t) for k, t in v.items()}
     if len(set(out.values())) != len(out):
         dup = sorted({str(t) for t in out.values() if list(out.values()).count(t) > 1})
@@ -476,8 +482,11 @@ def load_plan(raw: Mapping[str, Any] | None = None, path: str | os.PathLike | No
     options = options_from_mapping(merged)
     if options.method == "activation" and options.data is None:
         raise PlanError("method: 'activation' needs data (plan key 'data' or --data digits|mnist1d|FILE.npz)")
-    if isinstance(options.lam, dict) and layer_map is not None:
-        stray = [k for k in options.lam if k not in layer_map and str(k) not in map(str, layer_map)]
+    positional = any(str(k).startswith("#") for k in [*(options.lam if isinstance(options.lam, dict) else ()),
+                                                      *(layer_map or ())])
+    # "#N" keys are resolved against the models later (the CLI checks them after pairing)
+    if isinstance(options.lam, dict) and layer_map is not None and not positional:
+        stray = [k for k in options.lam if k not in layer_map]
         if stray:
             raise PlanError(f"lam: layer(s) {stray} are not in layer_map {sorted(map(str, layer_map))}")
     return Plan(models["base"], models["target"], layer_map, options, alignment,
