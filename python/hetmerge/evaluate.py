@@ -183,6 +183,25 @@ def _template(base, mixed, pairing, maps, sa, sb, fill) -> nn.Module:
     return tpl
 
 
+@torch.no_grad()
+def _act_per_sample(template: nn.Module, x1: torch.Tensor) -> int:
+    """Largest number of elements any layer produces per sample: the K models' activations of one
+    sample take K times that (probed with one sample through the base-weight template)."""
+    widest = [x1[0].numel()]
+
+    def hook(mod, inp, out):
+        if torch.is_tensor(out) and out.dim() > 0 and out.shape[0] > 0:
+            widest.append(out.numel() // out.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in template.modules() if not m._modules]
+    try:
+        template(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(widest)
+
+
 def _shallow(m: nn.Module) -> nn.Module:
     """A copy of `m` sharing its tensors and children but owning its dict of children."""
     c = copy.copy(m)
@@ -194,7 +213,8 @@ def _shallow(m: nn.Module) -> nn.Module:
 def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any = None,
           target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
           loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
-          max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True) -> SweepResult:
+          max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True,
+          max_act_bytes: int = 1 << 24) -> SweepResult:
     """Evaluate the merge of `target` into `base` at K merging factors at once.
 
     res: AlignResult, or None for the unaligned baseline (maps by position).
@@ -205,6 +225,10 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     bn_data: when given, BatchNorm running statistics are re-estimated on it for each λ (interpolated
       statistics are wrong for the merged weights); otherwise they are interpolated like the weights.
     max_chunk_bytes: bound on the stacked merged weights held at once.
+    max_act_bytes: bound on the widest layer output of the K models for one forward call; batches are
+      split into rows that fit (default 16 MiB). Small blocks keep the K-fold activations in cache:
+      one forward over all samples of K models streams K·N·width floats through memory per
+      layer and runs slower than K separate single-model forwards.
     mix_inputs: run the layers that read the model input once at each end of the path and mix
       (f(x; (1-λ)A + λB) = (1-λ) f(x; A) + λ f(x; B) for Linear/Conv): 2 evaluations instead of K.
     """
@@ -246,6 +270,9 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     def model_fn(p, x):
         return functional_call(template, {**fixed, **p}, (x,))
 
+    rows_per_call = None   # samples per forward call, fixed from the first batch (_act_per_sample)
+    elem = next((v.element_size() for v in sa.values() if v.is_floating_point()), 4)
+
     domains = [("base", data)] + ([("target", target_data)] if target_data is not None else [])
     sums = {d: (torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64), [0])
             for d, _ in domains}
@@ -272,13 +299,18 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
             for d, dd in domains:
                 loss_sum, correct, count = sums[d]
                 n_seen = 0
-                for X, y in _batches(dd, batch_size):
-                    logits = batched(stacked, X)                      # [k, N, C]
-                    kk, n = logits.shape[0], logits.shape[1]
-                    per = loss_fn(logits.reshape(kk * n, -1), y.repeat(kk)).reshape(kk, n)
-                    loss_sum[s:s + kk] += per.sum(1).double().cpu()
-                    correct[s:s + kk] += (logits.argmax(-1) == y).sum(1).double().cpu()
-                    n_seen += n
+                for X_all, y_all in _batches(dd, batch_size):
+                    if rows_per_call is None and len(X_all):
+                        per_sample = _act_per_sample(template, X_all[:1]) * elem
+                        rows_per_call = max(1, max_act_bytes // (per_sample * len(lam)))
+                    for i in range(0, len(X_all), rows_per_call or 1):
+                        X, y = X_all[i:i + rows_per_call], y_all[i:i + rows_per_call]
+                        logits = batched(stacked, X)                      # [k, n, C]
+                        kk, n = logits.shape[0], logits.shape[1]
+                        per = loss_fn(logits.reshape(kk * n, -1), y.repeat(kk)).reshape(kk, n)
+                        loss_sum[s:s + kk] += per.sum(1).double().cpu()
+                        correct[s:s + kk] += (logits.argmax(-1) == y).sum(1).double().cpu()
+                        n_seen += n
                 count[0] = n_seen
             t_fwd += time.perf_counter() - t1
 
