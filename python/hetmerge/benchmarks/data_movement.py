@@ -36,10 +36,10 @@ class TorchPermutePad:
 
     def __init__(self, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
         nb, mb = b.shape
-        self.padded = torch.zeros(nb + 1, mb + 1, dtype=b.dtype)
-        self.r = torch.where(rows < 0, nb, rows)
-        self.c = torch.where(cols < 0, mb, cols)
-        self.tmp = torch.empty(len(rows), mb + 1, dtype=b.dtype)
+        self.padded = torch.zeros(nb + 1, mb + 1, dtype=b.dtype, device=b.device)
+        self.r = torch.where(rows < 0, nb, rows).to(b.device)
+        self.c = torch.where(cols < 0, mb, cols).to(b.device)
+        self.tmp = torch.empty(len(rows), mb + 1, dtype=b.dtype, device=b.device)
         self.nb, self.mb = nb, mb
 
     def __call__(self, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
