@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+import hetmerge
 from hetmerge import ops
 from hetmerge.checkpoint import LazyState, StreamWriter
 from hetmerge.merging import MergeItem, stream_merge
@@ -101,6 +102,7 @@ def child(args) -> int:
     ok = bool(torch.allclose(m[pick], want, atol=1e-6))
     del a, b, m
     print(json.dumps({"rss_start_kb": rss_start, "vmhwm_kb": _status_kb("VmHWM"),
+                      "threads_hetmerge": hetmerge.get_num_threads(), "threads_torch": torch.get_num_threads(),
                       "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "check": ok, **stats}))
     return 0
@@ -158,7 +160,6 @@ def main(argv=None) -> int:
 
     gb = 1e9
     largest = {k: 4 * int(np.prod(s)) for k, s in _layout(args.base_width, args.layers)}
-    tlargest = {k: 4 * int(np.prod(s)) for k, s in _layout(args.target_width, args.layers)}
     biggest = max(largest.values())
     peak = r["vmhwm_kb"] * 1024
     start = r["rss_start_kb"] * 1024
@@ -169,10 +170,11 @@ def main(argv=None) -> int:
         "largest_tensor_gb": biggest / gb, "block_mb": args.chunk_mb, "rss_after_import_gb": start / gb, "peak_rss_gb": peak / gb,
         "peak_minus_import_gb": (peak - start) / gb, "merge_s": r["seconds"], "generate_s": t_gen,
         "merge_gbps": (sizes["base"] + sizes["target"] + sizes["merged"]) / gb / r["seconds"],
-        "spot_check": r["check"],
+        "spot_check": r["check"], "threads_hetmerge": r["threads_hetmerge"], "threads_torch": r["threads_torch"],
     }
     print(f"streaming merge, float32 MLPs: base {args.base_width} wide, target {args.target_width} wide, "
-          f"{args.layers} hidden layers, λ = {LAM}")
+          f"{args.layers} hidden layers, λ = {LAM}; merge process threads: hetmerge {r['threads_hetmerge']}, "
+          f"torch {r['threads_torch']} (no reference side: this measures memory against the models' size)")
     rows = [("base checkpoint", f"{res['base_gb']:.2f} GB"), ("target checkpoint", f"{res['target_gb']:.2f} GB"),
             ("merged checkpoint", f"{res['merged_gb']:.2f} GB"),
             ("both inputs (what a load-everything merge holds, before its output)", f"{res['two_models_gb']:.2f} GB"),

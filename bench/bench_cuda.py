@@ -2,7 +2,9 @@
 
     python bench/bench_cuda.py --device cuda [--size 8192] [--k 8] [--repeat 20]
 
-Data movement (permute_pad, interpolate, weighted_sum): ours vs torch's own gather / lerp / sum,
+Data movement (permute_pad, interpolate, weighted_sum): ours vs the fastest plain torch code (padded
+gather = zero-bordered buffer + two index_selects; interpolate = that + ONE broadcast torch.lerp;
+weighted_sum = ONE torch.mm on the pre-stacked models), both sides writing out= into the same buffers,
 as achieved bandwidth and as a fraction of the device's copy bandwidth (a device-to-device copy
 measured here; the theoretical peak is printed too when torch reports the memory clock and bus).
 cost_matrix: ours (fp32 SIMT, tf32/bf16 tensor cores) vs cuBLAS on pre-gathered operands and vs
@@ -30,6 +32,7 @@ def main() -> int:
 
     import hetmerge
     from hetmerge import _backend, ops
+    from hetmerge.benchmarks.data_movement import TorchPermutePad
 
     if not args.device.startswith("cuda"):
         print(f"bench_cuda: --device must be a CUDA device, got {args.device!r}")
@@ -83,7 +86,8 @@ def main() -> int:
     bf16_tflops = 2 * n**3 / timed(lambda: xb @ yb.T) / 1e9
     del x, y, xb, yb
     print(f"device: {props.name}, {props.multi_processor_count} SMs, hetmerge CUDA runtime "
-          f"{_backend._cuda.runtime_version()}")
+          f"{_backend._cuda.runtime_version()}; both sides on the same device and stream (host threads "
+          f"only launch: hetmerge {hetmerge.get_num_threads()}, torch {torch.get_num_threads()})")
     print(f"rooflines: copy bandwidth {copy_gbs:.0f} GB/s{peak}; cuBLAS {n}^3: fp32 {fp32_tflops:.1f}, "
           f"tf32 {tf32_tflops:.1f}, bf16 {bf16_tflops:.1f} TFLOP/s")
     print()
@@ -100,10 +104,6 @@ def main() -> int:
         full[: len(m)] = m
         return full[torch.randperm(n_slots, device=dev, generator=gen)]
 
-    def torch_permute_pad(w, rows, cols):
-        out = w.index_select(0, rows.clamp(min=0)).index_select(1, cols.clamp(min=0))
-        return out * ((rows >= 0)[:, None] & (cols >= 0)[None, :])
-
     s, K = args.size, args.k
     for dtype in (torch.float32, torch.bfloat16):
         es = torch.finfo(dtype).bits // 8
@@ -112,26 +112,31 @@ def main() -> int:
         rows, cols = padded_map(s, s - 64), padded_map(s, s - 64)
         perm = torch.randperm(s, device=dev, generator=gen)
         tag = str(dtype).replace("torch.", "")
-        # permute_pad: bytes = read w (gathered) + write out
-        row(f"permute_pad rows only {s}x{s} {tag}", timed(lambda: ops.permute_pad(w, perm)),
-            timed(lambda: w.index_select(0, perm)), 2 * s * s * es)
-        row(f"permute_pad rows+cols padded {s}x{s} {tag}", timed(lambda: ops.permute_pad(b, rows, cols)),
-            timed(lambda: torch_permute_pad(b, rows, cols)), 2 * s * s * es)
+        # permute_pad: bytes = read w (gathered) + write out; both sides write into `out`
+        out = torch.empty(s, s, device=dev, dtype=dtype)
+        row(f"permute_pad rows only {s}x{s} {tag}", timed(lambda: ops.permute_pad(w, perm, out=out)),
+            timed(lambda: torch.index_select(w, 0, perm, out=out)), 2 * s * s * es)
+        ref_pp = TorchPermutePad(b, rows, cols)
+        row(f"permute_pad rows+cols padded {s}x{s} {tag}", timed(lambda: ops.permute_pad(b, rows, cols, out=out)),
+            timed(lambda: ref_pp(b, out)), 2 * s * s * es)
         lam = torch.linspace(0, 1, K, device=dev)
         lam_list = lam.tolist()
+        lam_k = lam.to(dtype).view(K, 1, 1)
+        outk = torch.empty(K, s, s, device=dev, dtype=dtype)
 
         def torch_interp():
-            bt = torch_permute_pad(b, rows, cols)
-            return torch.lerp(w.unsqueeze(0).expand(K, -1, -1), bt.unsqueeze(0).expand(K, -1, -1),
-                              lam.to(dtype)[:, None, None])
+            ref_pp(b, out)
+            return torch.lerp(w.unsqueeze(0), out.unsqueeze(0), lam_k, out=outk)
         row(f"interpolate K={K} padded {s}x{s} {tag}",
-            timed(lambda: ops.interpolate(w, b, lam_list, rows, cols)), timed(torch_interp), (2 + K) * s * s * es)
+            timed(lambda: ops.interpolate(w, b, lam_list, rows, cols, out=outk)), timed(torch_interp),
+            (2 + K) * s * s * es)
         xs = [torch.randn(s, s, device=dev, generator=gen).to(dtype) for _ in range(4)]
         coeffs = torch.rand(K, 4, device=dev, generator=gen)
-        stacked = torch.stack(xs)
-        row(f"weighted_sum T=4 K={K} {s}x{s} {tag}", timed(lambda: ops.weighted_sum(xs, coeffs)),
-            timed(lambda: torch.einsum("kt,tij->kij", coeffs.to(dtype), stacked)), (4 + K) * s * s * es)
-        del w, b, xs, stacked
+        coeffs_t = coeffs.to(dtype)
+        stacked = torch.stack(xs).view(4, -1)     # stacked beforehand, not timed: a head start for torch
+        row(f"weighted_sum T=4 K={K} {s}x{s} {tag}", timed(lambda: ops.weighted_sum(xs, coeffs, out=outk)),
+            timed(lambda: torch.mm(coeffs_t, stacked, out=outk.view(K, -1))), (4 + K) * s * s * es)
+        del w, b, xs, stacked, out, outk, ref_pp
 
     # ---- cost_matrix ------------------------------------------------------------------------
     print()

@@ -150,3 +150,20 @@ def test_mnist1d_depth4_heterogeneous_alignment_with_restarts():
           f"restart objectives {[round(o, 2) for o in best.restart_objectives]}")
     assert aligned.barrier < unaligned.barrier
     assert aligned.lam_star >= unaligned.lam_star
+
+
+def test_sweep_splits_batches_to_bound_activations_same_numbers():
+    """The K-fold activations are evaluated in row blocks of at most max_act_bytes (the unsplit
+    [K, N, width] forward ran slower than a per-λ loop); block size must not change the numbers."""
+    from hetmerge.evaluate import _act_per_sample
+
+    base, target = trained_mlp((128, 64), 0), trained_mlp((64, 32), 1)
+    d = digits()
+    res = hm.align(base, target)
+    assert _act_per_sample(base, d.X_test[:1]) == 128           # widest layer output per sample
+    whole = hm.sweep(base, target, res, LAMS, data=(d.X_test, d.y_test), max_act_bytes=1 << 40)
+    rows1 = hm.sweep(base, target, res, LAMS, data=(d.X_test, d.y_test), max_act_bytes=1)
+    loss, acc = loop_sweep(base, target, res, LAMS, d.X_test, d.y_test)
+    for c in (whole, rows1):
+        torch.testing.assert_close(c.loss, loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c.acc, acc)

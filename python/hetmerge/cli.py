@@ -866,13 +866,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
     c.set_defaults(func=cmd_convert)
 
-    b = sub.add_parser("bench", help="benchmark the primitives and alignment across widths, ours vs references "
-                       "(needs a source checkout)", epilog=_EPILOG)
+    b = sub.add_parser("bench", help="benchmark the primitives, alignment and sweep across widths, ours vs "
+                       "references (lapx: pip install 'hetmerge[bench]')", epilog=_EPILOG)
     b.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024], help="(default: %(default)s)")
     b.add_argument("--repeat", type=int, default=3, help="best of N (default: %(default)s)")
-    b.add_argument("--only", nargs="+", default=None, help="suites to run, e.g. interpolate cost_matrix align")
-    b.add_argument("--bench-dir", default=None, metavar="DIR", help="the checkout's bench/ folder (default: found "
-                   "from the installed package or the current folder)")
+    b.add_argument("--only", nargs="+", default=None, help="suites to run: data_movement (or permute_pad, "
+                   "interpolate, weighted_sum), cost_matrix, linear_assignment, align, sweep")
     b.add_argument("-o", "--output", default="hetmerge-bench", metavar="DIR", help="(default: %(default)s)")
     _common(b)
     b.set_defaults(func=cmd_bench)
