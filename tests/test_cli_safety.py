@@ -253,7 +253,7 @@ def _sequentials():
 @pytest.mark.parametrize("kind, nets, x", _sequentials(), ids=["mlp", "cnn"])
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_plain_sequential_state_dicts_load_without_arch(tmp_path, capsys, kind, nets, x, fmt):
-    from hetmerge.cli import _load_model
+    from hetmerge.cli.models import load_model as _load_model
     from hetmerge.plan import load_plan
 
     a, b = tmp_path / f"a.{fmt}", tmp_path / f"b.{fmt}"

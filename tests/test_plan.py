@@ -131,7 +131,7 @@ def test_architectures_infer_sizes_and_factories(tmp_path, monkeypatch):
 def test_every_plan_path_is_relative_to_the_plan_folder(tmp_path, monkeypatch):
     import torch
 
-    from hetmerge.cli import _load_model
+    from hetmerge.cli.models import load_model as _load_model
 
     proj = tmp_path / "proj"
     (proj / "nets").mkdir(parents=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -94,3 +96,47 @@ def mnist1d(seed: int = 42, channels: bool = False, val_size: int = 0) -> Split:
     if channels:
         Xtr, Xte, Xv = Xtr[:, None], Xte[:, None], Xv[:, None]
     return Split(Xtr, ytr, Xte, yte, Xv, yv)
+
+
+class DataError(ValueError):
+    """Evaluation data that does not fit the model (features, layout) or cannot be read."""
+
+
+def load_eval_data(spec: str | None, example_model, device: str, what: str = "data"):
+    """(X, y) test tensors for 'digits', 'mnist1d' or a .npz (X_test/y_test if present, else X/y),
+    reshaped to the model's input when only the layout differs (flat digits for an 8x8 CNN)."""
+
+    if spec is None:
+        return None
+    if spec in ("digits", "mnist1d"):
+        split = digits() if spec == "digits" else mnist1d()
+        X, y = split.X_test, split.y_test
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise FileNotFoundError(f"{what}: {p}: no such file")
+        try:
+            with np.load(p, allow_pickle=False) as z:   # no pickles from data files either
+                xk, yk = ("X_test", "y_test") if "X_test" in z else ("X", "y")
+                if xk not in z or yk not in z:
+                    raise DataError(f"{what}: {p} needs arrays X and y (or X_test and y_test); "
+                                            f"it has {sorted(z.files)}")
+                X, y = torch.from_numpy(z[xk]).float(), torch.from_numpy(z[yk]).long()
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{what}: cannot read {p}: {exc}") from None
+    first = next((m for m in example_model.modules() if hasattr(m, "in_features") or hasattr(m, "in_channels")),
+                 None)
+    if first is not None and hasattr(first, "in_channels") and X.dim() == 2:
+        # conv model, flat data: (N, C*H*W) -> (N, C, H, W) when the sizes allow a square image
+        c = first.in_channels
+        side = int(round((X.shape[1] / c) ** 0.5))
+        if c * side * side == X.shape[1] and isinstance(first, torch.nn.Conv2d):
+            X = X.view(-1, c, side, side)
+        elif isinstance(first, torch.nn.Conv1d) and X.shape[1] % c == 0:
+            X = X.view(-1, c, X.shape[1] // c)
+    elif first is not None and hasattr(first, "in_features") and X.dim() > 2:
+        X = X.reshape(len(X), -1)
+    if first is not None and hasattr(first, "in_features") and X.shape[1] != first.in_features:
+        raise DataError(f"{what}: {spec} has {X.shape[1]} features per sample but the base model "
+                                f"takes {first.in_features}; use data the models were trained on")
+    return X.to(device), y.to(device)

@@ -1,0 +1,4 @@
+"""`python -m hetmerge.cli`."""
+from .main import main
+
+raise SystemExit(main())
