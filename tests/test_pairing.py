@@ -12,8 +12,9 @@ import torch.nn as nn
 import hetmerge as hm
 from hetmerge import models as hmm
 from hetmerge.maps import permute_state
-from hetmerge.spec import (LayerMapError, NothingToAlignError, SpecError, _block_of, _default_layer_map, pair_specs,
-                           resolve_layer)
+from hetmerge.pairing import (LayerMapError, NothingToAlignError, _block_of, _default_layer_map, pair_specs,
+                              resolve_layer)
+from hetmerge.spec import SpecError
 from hetmerge.trace import trace_spec
 
 from helpers_models import TinyResNet, deepen_with_identity_blocks, randomize_bn, seq_net

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import ops
 from .methods import WeightMatching, activation_costs
-from .spec import Pairing, pair_specs
+from .pairing import Pairing, pair_specs
 from .trace import as_spec
 
 __all__ = ["Alignment", "AlignmentError", "AlignResult", "align", "prepare", "solve_link"]

@@ -15,7 +15,7 @@ import torch
 
 from .hf import HFError, HFState, save_hf
 from .merging import merge_items, merge_tensor
-from .spec import pair_specs
+from .pairing import pair_specs
 from .transformer_spec import (CanonicalState, canonical_state, layer_map_by_name, model_type,
                                transformer_spec)
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from . import ops
 from .maps import transform
-from .spec import LayerMapError, Pairing, resolve_layer
+from .pairing import LayerMapError, Pairing, resolve_layer
 
 __all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", "resolve", "layer_lams",
            "check_lam"]

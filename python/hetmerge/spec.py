@@ -1,4 +1,4 @@
-"""Permutation graph of a model and the pairing of two graphs (base ↔ target).
+"""Permutation graph of a model: the PermSpec type.
 
 A *group* is a set of parameter axes (key, axis) that hold the same hidden units and therefore must be
 permuted together: a Linear/Conv output axis, the next layer's input axis, the bias, BatchNorm/LayerNorm
@@ -8,41 +8,22 @@ axis holds ``size(group) · block`` entries with block = H·W (unit-major), whic
 and the block-expanded index maps cover.
 
 ``hetmerge.trace.trace_spec`` derives the graph with torch.fx; ``PermSpec.from_groups`` accepts a
-hand-written one.
-``pair_specs`` pairs a base graph with a target graph through a layer map and yields the *links* (one
-index map each, base size, -1 = padding) that ``align`` solves and ``merge``/``sweep`` apply.
+hand-written one; ``hetmerge.pairing`` pairs two graphs.
 """
 from __future__ import annotations
 
-import numbers
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from .maps import position_map
 
-__all__ = ["SpecError", "LayerMapError", "NothingToAlignError", "resolve_layer", "Layer", "PermSpec", "Link", "PairedParam", "Pairing", "pair_specs"]
+__all__ = ["SpecError", "Layer", "PermSpec", "attach_norm"]
 
 
 class SpecError(ValueError):
     """The permutation graph cannot be derived or a hand-written one is inconsistent."""
-
-
-class LayerMapError(SpecError, KeyError):
-    """A layer key (in a layer map or a per-layer λ) names no layer of its model, or no paired one.
-
-    A KeyError too, as unknown layer keys always were; printed without KeyError's quotes."""
-
-    def __str__(self):
-        return str(self.args[0]) if self.args else ""
-
-
-class NothingToAlignError(SpecError):
-    """No layer of the base pairs with a layer of the target: aligning or merging would silently
-    return the base. The message lists both models' layers and why none paired."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +99,7 @@ class PermSpec:
         only axes 0 and 1 can be permuted. Layers default to the state dict's modules in order, a
         module with only 1-D tensors (a norm) being attached to the layer before it.
         """
-        sd = _state(model)
+        sd = state_dict_of(model)
         gs: dict[str, list[tuple[str, int]]] = {}
         blocks: dict[tuple[str, int], int] = {}
         sizes: dict[str, int] = {}
@@ -157,7 +138,7 @@ class PermSpec:
                    list(layers))
 
 
-def _state(model) -> dict[str, torch.Tensor]:
+def state_dict_of(model) -> dict[str, torch.Tensor]:
     if isinstance(model, nn.Module):
         return dict(model.state_dict(keep_vars=True))
     return dict(model)
@@ -188,320 +169,3 @@ def attach_norm(params: dict, norm_params: Mapping[str, str]):
         i += 1
     for local, key in norm_params.items():
         params[f"norm{i or ''}.{local}"] = key
-
-
-# ---------------------------------------------------------------------------------------------
-# pairing base and target graphs
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Link:
-    """One index map to find: base group <- target group; src has n_a entries (base units)."""
-    name: str
-    base_group: str
-    target_group: str
-    n_a: int
-    n_b: int
-    free: bool     # solved by assignment; otherwise pad/crop by position (both sides fixed)
-
-
-@dataclass(frozen=True)
-class PairedParam:
-    """A base tensor interpolated with a target tensor; links[d] maps axis d (None past axis 1)."""
-    base_key: str
-    target_key: str
-    layer: str               # base layer name (per-layer λ)
-    links: tuple             # link name per permutable axis (1 or 2 entries)
-    blocks: tuple            # entries per unit per axis (same in base and target)
-
-
-@dataclass
-class Pairing:
-    layer_map: dict[str, str]            # base layer -> target layer
-    links: dict[str, Link]
-    params: list[PairedParam]
-    cases: dict[str, str]                # base layer -> "same size" / "size-compatible" / "size-incompatible"
-    base_layers: list[str] = field(default_factory=list)     # every layer, shallow to deep (per-layer λ
-    target_layers: list[str] = field(default_factory=list)   # keys are resolved against them)
-
-    def position_maps(self) -> dict[str, torch.Tensor]:
-        return {n: position_map(l.n_a, l.n_b) for n, l in self.links.items()}
-
-
-def _layer_case(a: torch.Size, b: torch.Size) -> str:
-    if tuple(a) == tuple(b):
-        return "same size"
-    if len(a) < 2:
-        return "size-compatible"
-    d0, d1 = a[0] - b[0], a[1] - b[1]
-    return "size-incompatible" if d0 * d1 < 0 else "size-compatible"
-
-
-def _numbered(layers: Sequence[str]) -> str:
-    return ", ".join(f"#{i} {n}" for i, n in enumerate(layers)) or "(none)"
-
-
-def resolve_layer(key, layers: Sequence[str], where: str = "layer_map", side: str = "base",
-                  label: str | None = None) -> str:
-    """The name of the layer that `key` designates among `layers` (one model's, shallow to deep).
-
-    A name that exists is that layer, always: the layers of an nn.Sequential are named "0", "2", ...,
-    and "2" (or the int 2) is the layer named 2, never the third layer. A position is written "#N"
-    (0-based). Used for layer maps and per-layer λ alike, so both read keys the same way.
-    Raises LayerMapError "{where}: {label}{key!r} ..." (label: "{side} layer " unless given) naming
-    the valid names and positions.
-    """
-    what = f"{side} layer " if label is None else label
-    if isinstance(key, bool) or not isinstance(key, (str, numbers.Integral)):
-        raise LayerMapError(f"{where}: {what}{key!r} must be a layer name or '#N' (a position); "
-                            f"layers of the {side}: {_numbered(layers)}")
-    s = key.strip() if isinstance(key, str) else str(int(key))
-    if s in layers:
-        return s
-    if s.startswith("#"):
-        pos = s[1:].strip()
-        if not pos.isdigit():
-            raise LayerMapError(f"{where}: {what}{key!r}: a position is '#' and a number in "
-                                f"0..{len(layers) - 1}; layers of the {side}: {_numbered(layers)}")
-        if int(pos) >= len(layers):
-            raise LayerMapError(f"{where}: {what}{key!r}: position {int(pos)} is out of range, the "
-                                f"{side} has {len(layers)} layers: {_numbered(layers)}")
-        return layers[int(pos)]
-    hint = f" (a position is written '#{s}')" if s.isdigit() and int(s) < len(layers) else ""
-    raise LayerMapError(f"{where}: {what}{key!r} is not a layer of the {side}{hint}; "
-                        f"layers: {_numbered(layers)}")
-
-
-def _in_order(base_layers, target_layers, base_kinds, target_kinds) -> dict[str, str]:
-    # shallow to shallow, in order; a layer is paired with the next target layer of its kind
-    # (a conv never with a Linear), so a deeper conv stack leaves its extra convs unpaired
-    out, j = {}, 0
-    for b, kb in zip(base_layers, base_kinds):
-        k = j
-        while k < len(target_layers) and target_kinds[k] != kb:
-            k += 1
-        if k < len(target_layers):
-            out[b] = target_layers[k]
-            j = k + 1
-    return out
-
-
-def _block_of(name: str) -> tuple[str, int] | None:
-    """(stage, block index) of a layer inside a repeated block, from its module path: the innermost
-    numeric component that more path follows (layer1.0.conv1 -> ("layer1", 0); stages.1.blocks.0.conv
-    -> ("stages.1.blocks", 0); blocks.2.0 -> ("blocks", 2)). A trailing number is a layer of an
-    nn.Sequential, not a block; None outside blocks (stem, transitions, head)."""
-    parts = name.split(".")
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[:i]), int(parts[i])
-    return None
-
-
-def _stage_runs(layers: Sequence[str]) -> list[str]:
-    """Stage names in order of appearance (one entry per run of consecutive block layers)."""
-    runs: list[str] = []
-    for n in layers:
-        blk = _block_of(n)
-        if blk is not None and (not runs or runs[-1] != blk[0]):
-            runs.append(blk[0])
-    return runs
-
-
-def _segments(layers: Sequence[str], by_name: bool) -> dict:
-    """{segment: [layer indices]}: ("stage", stage, block) for block layers, ("gap", stage before)
-    for layers outside blocks, ("gap", "end") after the last stage (heads meet heads whatever the
-    stage counts). A stage is its name (by_name) or its position among the runs."""
-    segs: dict = {}
-    runs = _stage_runs(layers)
-    k, prev, last = -1, None, None
-    for i, n in enumerate(layers):
-        blk = _block_of(n)
-        if blk is None:
-            segs.setdefault(("gap", "end" if k == len(runs) - 1 and k >= 0 else prev), []).append(i)
-            continue
-        if blk[0] != last:
-            k, last = k + 1, blk[0]
-        prev = blk[0] if by_name else k
-        segs.setdefault(("stage", prev, blk[1]), []).append(i)
-    return segs
-
-
-def _default_layer_map(base_layers, target_layers, base_kinds, target_kinds) -> dict[str, str]:
-    """Shallow to shallow. Residual nets (layers inside numbered blocks of stages) pair within
-    stages: block i of stage s with block i of stage s, layer by layer in order, and the layers
-    outside blocks (stem, transitions, head) with those at the same place; a deeper stage's extra
-    blocks stay unpaired instead of spilling into the next stage (which in-order pairing does:
-    resnet18's layer2.0 would meet resnet34's layer1.2). Stages pair by name when the models share
-    stage names (layer1 with layer1), else by order. Without stages on both sides: in order."""
-    bruns, truns = _stage_runs(base_layers), _stage_runs(target_layers)
-    if not bruns or not truns:
-        return _in_order(base_layers, target_layers, base_kinds, target_kinds)
-    by_name = bool(set(bruns) & set(truns))
-    bsegs, tsegs = _segments(base_layers, by_name), _segments(target_layers, by_name)
-    out = {}
-    for seg, bi in bsegs.items():
-        ti = tsegs.get(seg)
-        if ti is None:
-            continue
-        out.update(_in_order([base_layers[i] for i in bi], [target_layers[i] for i in ti],
-                             [base_kinds[i] for i in bi], [target_kinds[i] for i in ti]))
-    order = {n: i for i, n in enumerate(base_layers)}
-    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
-
-
-def _resolve_layer_map(layer_map, base_layers: list[str], target_layers: list[str],
-                       base_kinds=None, target_kinds=None) -> dict[str, str]:
-    if layer_map is None:
-        return _default_layer_map(base_layers, target_layers, base_kinds or [None] * len(base_layers),
-                                  target_kinds or [None] * len(target_layers))
-    items = list(layer_map.items() if isinstance(layer_map, Mapping) else layer_map)
-    bad = [p for p in items if not isinstance(p, (tuple, list)) or len(p) != 2]
-    if bad:
-        raise LayerMapError(f"layer_map: expected {{base: target}} or (base, target) pairs, got {bad[0]!r}")
-    out, given = {}, {}
-    for b, t in items:
-        bn = resolve_layer(b, base_layers, "layer_map", "base")
-        tn = resolve_layer(t, target_layers, "layer_map", "target")
-        if bn in out:   # "fc0" and "#0" are one layer: a dict would keep the last pair silently
-            raise LayerMapError(f"layer_map: base layer {given[bn]!r} and {b!r} are both {bn!r}")
-        out[bn], given[bn] = tn, b
-    return out
-
-
-def _kind_text(k) -> str:
-    if k is None:
-        return "no weight"
-    dim, kernel, head, block = k
-    s = "Linear" if dim == 2 else f"Conv{dim - 2}d {'x'.join(map(str, kernel))}"
-    if block > 1:
-        s += f" reading a flatten ({block} entries per unit)"
-    return s + (" writing the output (head)" if head else " (hidden)")
-
-
-def _nothing_to_align(layer_map, bl, tl, bkinds, tkinds, heads_dropped) -> NothingToAlignError:
-    if layer_map is not None:
-        why = "the layer map is empty"
-    elif heads_dropped:
-        why = (f"only the output layers are of one kind, and they pair only when every hidden layer of "
-               f"both models is paired (hidden layers: base {heads_dropped[0]}, target {heads_dropped[1]}, "
-               f"paired {heads_dropped[2]})")
-    else:
-        why = ("no base layer has the kind of a target layer (layer type and kernel size, hidden or "
-               "head, and entries per unit after a flatten must all agree)")
-    lines = "; ".join([f"{side} layers: " + (", ".join(f"{n} [{_kind_text(k)}]" for n, k in zip(ls, ks))
-                                              or "(none)")
-                       for side, ls, ks in (("base", bl, bkinds), ("target", tl, tkinds))])
-    return NothingToAlignError(f"pair_specs: nothing to align: no layer of the base pairs with a layer "
-                               f"of the target, {why}. {lines}. Merging would return the base unchanged; "
-                               f"pair layers by hand with layer_map, or merge models that share layers")
-
-
-def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_spec: PermSpec,
-               layer_map=None) -> Pairing:
-    """Pair the layers of two graphs and derive the links (index maps) to solve.
-
-    layer_map: None (shallow to shallow, in order, each base layer with the next target layer of the
-    same kind: Linear with Linear, conv with conv of the same kernel; residual nets pair within
-    stages, block i of stage s with block i of stage s; the output layers with each other only when
-    every hidden layer of both models is paired, so with different depths the extra hidden layers
-    and the head keep the base's weights), or {base layer: target layer}, or a list of pairs. Keys are
-    layer names; a name that exists is that layer, always (nn.Sequential's "0", "2", ...), and a
-    position is written "#N" (see resolve_layer). Base layers not in the map keep their weights.
-    Pairing a deeper target layer into a shallower base layer by hand is allowed but warned about
-    (the paper found it harmful). Parameters pair by role within a layer pair (weight, bias,
-    norm.*); roles only one side has are left alone.
-    Raises LayerMapError for a key that names no layer, NothingToAlignError when no layer pairs.
-    """
-    sa, sb = _state(base), _state(target)
-    bl = [l.name for l in base_spec.layers]
-    tl = [l.name for l in target_spec.layers]
-    def kind(layer, sd, spec):
-        key = layer.params.get("weight", "")
-        w = sd.get(key)
-        if w is None:
-            return None
-        # A layer writing the model's output (fixed output axis) pairs only with the other model's
-        # output layer: pairing a hidden layer with a head would map hidden units onto classes.
-        writes_output = spec.is_fixed(spec.axis_groups(key, w.dim())[0])
-        in_block = spec.block(key, 1) if w.dim() > 1 else 1
-        return (w.dim(), tuple(w.shape[2:]), writes_output, in_block)
-    bkinds = [kind(l, sa, base_spec) for l in base_spec.layers]
-    tkinds = [kind(l, sb, target_spec) for l in target_spec.layers]
-    lmap = _resolve_layer_map(layer_map, bl, tl, bkinds, tkinds)
-    heads_dropped = None
-    if layer_map is None:
-        # Heads are merged only when every hidden layer of both models is paired (the depths
-        # match, per stage in residual nets): otherwise the base head reads features of a layer the
-        # target does not have at that depth (selective shallow-to-shallow merging).
-        hidden_b = [n for n, k in zip(bl, bkinds) if k and not k[2]]
-        hidden_t = [n for n, k in zip(tl, tkinds) if k and not k[2]]
-        paired = [b for b in hidden_b if b in lmap]
-        if len(paired) < len(hidden_b) or len(paired) < len(hidden_t):
-            kept = {b: t for b, t in lmap.items() if not (bkinds[bl.index(b)] or (0, 0, False))[2]}
-            if len(kept) < len(lmap):
-                heads_dropped = (len(hidden_b), len(hidden_t), len(paired))
-            lmap = kept
-    if not lmap:
-        raise _nothing_to_align(layer_map, bl, tl, bkinds, tkinds, heads_dropped)
-
-    def output_pair(b, t):  # head with head is not a deep-to-shallow merge, whatever the depths
-        kb, kt = bkinds[bl.index(b)], tkinds[tl.index(t)]
-        return bool(kb and kt and kb[2] and kt[2])
-    # only a map the user wrote is warned about: the default pairs shallow to shallow (within
-    # stages), and a later index on the deeper side is its choice, not a deep-to-shallow merge
-    deep = [(b, t) for b, t in lmap.items() if tl.index(t) > bl.index(b) and not output_pair(b, t)]
-    if deep and layer_map is not None:
-        warnings.warn(f"layer_map pairs deeper target layers into shallower base layers {deep}; the "
-                      "paper found deep-to-shallow merging harmful", stacklevel=3)
-    blayer = {l.name: l for l in base_spec.layers}
-    tlayer = {l.name: l for l in target_spec.layers}
-
-    raw: list[tuple[str, str, str, list[tuple[str, str, int, int, int]]]] = []
-    cases = {}
-    for bname, tname in lmap.items():
-        lb, lt = blayer[bname], tlayer[tname]
-        for role, bkey in lb.params.items():
-            tkey = lt.params.get(role)
-            if tkey is None:
-                continue
-            a, b = sa[bkey], sb[tkey]
-            if a.dim() != b.dim() or tuple(a.shape[2:]) != tuple(b.shape[2:]):
-                raise SpecError(f"pair_specs: cannot pair {bkey!r} {tuple(a.shape)} (base layer {bname!r})"
-                                f" with {tkey!r} {tuple(b.shape)} (target layer {tname!r}): "
-                                "different kinds of layer or kernel sizes")
-            ga = base_spec.axis_groups(bkey, a.dim())
-            gb = target_spec.axis_groups(tkey, b.dim())
-            axes = []
-            for ax in range(len(ga)):
-                ba, bb = base_spec.block(bkey, ax), target_spec.block(tkey, ax)
-                if ba != bb:
-                    raise SpecError(f"pair_specs: {bkey!r} axis {ax} holds {ba} entries per unit but "
-                                    f"{tkey!r} holds {bb} (different spatial sizes before a flatten)")
-                axes.append((ga[ax], gb[ax], a.shape[ax] // ba, b.shape[ax] // bb, ba))
-            raw.append((bkey, tkey, bname, axes))
-            if role == "weight":
-                cases[bname] = _layer_case(a.shape, b.shape)
-        cases.setdefault(bname, "same size")
-
-    # one link per (base group, target group); named after the base group unless it is paired twice
-    partners: dict[str, set] = {}
-    for _, _, _, axes in raw:
-        for g_a, g_b, *_ in axes:
-            partners.setdefault(g_a, set()).add(g_b)
-    links: dict[str, Link] = {}
-    params = []
-    for bkey, tkey, bname, axes in raw:
-        names, blocks = [], []
-        for g_a, g_b, n_a, n_b, blk in axes:
-            name = g_a if len(partners[g_a]) == 1 else f"{g_a}<-{g_b}"
-            link = Link(name, g_a, g_b, n_a, n_b,
-                        free=not (base_spec.is_fixed(g_a) and target_spec.is_fixed(g_b)))
-            old = links.setdefault(name, link)
-            if (old.n_a, old.n_b) != (n_a, n_b):
-                raise SpecError(f"pair_specs: link {name!r} has sizes {old.n_a}<-{old.n_b} on one tensor "
-                                f"but {n_a}<-{n_b} on {bkey!r}/{tkey!r}")
-            names.append(name)
-            blocks.append(blk)
-        params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks)))
-    return Pairing(lmap, links, params, cases, bl, tl)

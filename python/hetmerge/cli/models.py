@@ -101,7 +101,8 @@ def prepare(base, target, layer_map):
 
     from ..alignment import prepare
     from ..plan import PlanError
-    from ..spec import LayerMapError, NothingToAlignError, SpecError
+    from ..pairing import LayerMapError, NothingToAlignError
+    from ..spec import SpecError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -160,7 +161,7 @@ def layer_lams(lam, pairing):
     naming no layer is a bad argument (exit 2), one naming an unpaired layer is incompatible (4)."""
     from ..merging import layer_lams
     from ..plan import PlanError
-    from ..spec import LayerMapError, resolve_layer
+    from ..pairing import LayerMapError, resolve_layer
 
     if isinstance(lam, dict):
         for k in lam:

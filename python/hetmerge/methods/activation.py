@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..spec import Pairing, PermSpec
+from ..pairing import Pairing
+from ..spec import PermSpec
 
 __all__ = ["activation_costs"]
 

@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from ..maps import expand_map, inverse_map, transform, unit_view
-from ..spec import Pairing
+from ..pairing import Pairing
 
 __all__ = ["WeightMatching"]
 
