@@ -203,6 +203,25 @@ def alias_out(rng, src, out_shape, fw):
     return buf[: src.size].reshape(src.shape), buf[off: off + n_out].reshape(out_shape)
 
 
+def alias_map_out(vals: np.ndarray, out_shape, dtype: str, fw: str):
+    """(map, out): an int64 map holding `vals` and an out= of `dtype` over the same bytes (the map
+    is read while out is written), or None when either is empty."""
+    torch = _torch()
+    n = int(np.prod(out_shape)) if len(out_shape) else 1
+    if n == 0 or len(vals) == 0:
+        return None
+    if fw == "numpy" and dtype == "bfloat16":
+        return None
+    size = len(vals) + n + 1  # int64 elements: enough for n elements of any float dtype
+    if fw == "torch":
+        buf = torch.zeros(size, dtype=torch.int64)
+        buf[: len(vals)] = torch.from_numpy(vals)
+        return buf[: len(vals)], buf.view(tdtype(dtype))[:n].view(tuple(out_shape))
+    buf = np.zeros(size, dtype=np.int64)
+    buf[: len(vals)] = vals
+    return buf[: len(vals)], buf.view(dtype)[:n].reshape(out_shape)
+
+
 # ---- the primitives' call generators: (call, Expect) -----------------------------------------------
 
 def gen_permute_pad(rng, ops):
@@ -231,13 +250,15 @@ def gen_permute_pad(rng, ops):
         pair = alias_out(rng, w_c, out_shape, fw)
         if pair is not None and w_c.size if fw == "numpy" else pair is not None and w_c.numel():
             w, kw["out"], aliased = pair[0], pair[1], True
-    elif r < 0.12 and ok and fw == "torch" and rows is not None and len(rv) and isinstance(rows, _torch().Tensor) \
-            and rows.dtype == _torch().int64 and rows.is_contiguous() and dtype == "float64" and int(np.prod(out_shape)):
-        # out written over the rows map's own memory (same bytes seen as float64)
-        n = int(np.prod(out_shape))
-        buf = _torch().zeros(len(rv) + n, dtype=_torch().int64)
-        buf[: len(rv)] = rows
-        rows, kw["out"], aliased = buf[: len(rv)], buf.view(_torch().float64)[: n].view(out_shape), True
+    elif r < 0.14 and ok and (rv is not None or cv is not None):
+        use_rows = cv is None or (rv is not None and rng.random() < 0.5)
+        pair = alias_map_out(rv if use_rows else cv, out_shape, dtype, fw)
+        if pair is not None:
+            aliased = True
+            if use_rows:
+                rows, kw["out"] = pair
+            else:
+                cols, kw["out"] = pair
     elif r < 0.2:
         kw["out"] = array(rng, out_shape, dtype if rng.random() < 0.8 else "float64", fw, layout="c")
         if rng.random() < 0.2:
@@ -294,6 +315,15 @@ def gen_interpolate(rng, ops):
     fill = str(rng.choice(["zero", "base"])) if rng.random() < 0.98 else "nearest"
     ok &= fill in ("zero", "base")
     kw = {}
+    if ok and (rv is not None or cv is not None) and rng.random() < 0.04:
+        use_rows = cv is None or (rv is not None and rng.random() < 0.5)
+        pair = alias_map_out(rv if use_rows else cv, [K, *a_shape], dtype, fw)
+        if pair is not None:
+            if use_rows:
+                rows, kw["out"] = pair
+            else:
+                cols, kw["out"] = pair
+            return (lambda: ops.interpolate(a, b, lam_arg, rows, cols, fill, **kw)), Expect("reject")
     if rng.random() < 0.08 and ok and a.size if fw == "numpy" else rng.random() < 0.08 and ok and a.numel():
         a_c = a.contiguous() if fw == "torch" else np.ascontiguousarray(a)
         pair = alias_out(rng, a_c, [K, *a_shape], fw)
@@ -422,6 +452,17 @@ def gen_cost_matrix(rng, ops):
         ok = False
     if not ok:
         return (lambda: ops.cost_matrix(terms)), Expect("reject")
+    mapped = [t for t, term in enumerate(terms) if len(term) > 2 and term[2] is not None and len(term[2])]
+    if mapped and rng.random() < 0.05:
+        t = int(rng.choice(mapped))
+        vals = f64(terms[t][2]).astype(np.int64) if not isinstance(terms[t][2], list) else np.array(terms[t][2], np.int64)
+        out_dtype = "float64" if dtype == "float64" else "float32"
+        pair = alias_map_out(vals, [n_a, n_b], out_dtype, "numpy" if isinstance(terms[0][0], np.ndarray) else "torch")
+        if pair is not None:
+            term = list(terms[t])
+            term[2], out = pair
+            terms[t] = tuple(term)
+            return (lambda: ops.cost_matrix(terms, out=out)), Expect("either" if half else "reject")
     with np.errstate(invalid="ignore", over="ignore"):
         ref = sum(a @ b.T for a, b in refs)
         mag = sum(np.abs(a) @ np.abs(b).T for a, b in refs)

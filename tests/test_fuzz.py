@@ -47,3 +47,37 @@ def test_permute_pad_negative_strides_with_trailing_dims(flip_axis, maps):
     if cols is not None:
         ref = np.where(np.array(cols)[None, :, None] >= 0, ref[:, cols], 0)
     np.testing.assert_array_equal(ops.permute_pad(w, rows, cols), ref)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("primitive", ["permute_pad_rows", "permute_pad_cols", "interpolate_rows", "interpolate_cols",
+                                       "cost_matrix_map"])
+def test_out_overlapping_an_index_map_is_rejected(framework, primitive):
+    # Found by the fuzzer: out= was checked against the data inputs but not the index maps, which
+    # are read while out is written; out over a map's bytes gathered from garbage indices (segfault).
+    import torch
+
+    fuzz = load_fuzzer()  # its alias_map_out builds the shared buffer
+    rng = np.random.default_rng(0)
+    vals = np.array([2, 0, -1, 1], dtype=np.int64)
+    a = rng.standard_normal((4, 4))
+    b = rng.standard_normal((3, 3))
+    if framework == "torch":
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+    kind, axis = primitive.rsplit("_", 1)
+    if kind == "permute_pad":
+        m, out = fuzz.alias_map_out(vals, [4, 3] if axis == "rows" else [3, 4], "float64", framework)
+        call = lambda: ops.permute_pad(b, m, None, out=out) if axis == "rows" else ops.permute_pad(b, None, m, out=out)  # noqa: E731
+    elif kind == "interpolate":
+        m, out = fuzz.alias_map_out(vals, [1, 4, 4], "float64", framework)
+        full = np.array([0, 1, 2, -1])
+        call = lambda: ops.interpolate(a, b, [0.5], m if axis == "rows" else full, full if axis == "rows" else m, out=out)  # noqa: E731
+    else:
+        m, out = fuzz.alias_map_out(vals, [4, 3], "float64", framework)
+        B = rng.standard_normal((3, 3))
+        B = torch.from_numpy(B) if framework == "torch" else B
+        call = lambda: ops.cost_matrix([(a, B, m)], out=out)  # noqa: E731
+    before = fuzz.f64(m).copy()
+    with pytest.raises(ValueError, match="out overlaps the memory of (rows|cols|terms\\[0\\].map)"):
+        call()
+    np.testing.assert_array_equal(fuzz.f64(m), before)  # nothing was written
