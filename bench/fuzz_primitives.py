@@ -55,6 +55,10 @@ def f64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
+def size(x) -> int:
+    return int(x.size) if isinstance(x, np.ndarray) else int(x.numel())
+
+
 def values(rng, shape, special: bool) -> np.ndarray:
     v = np.asarray(rng.standard_normal(shape) * rng.choice([1.0, 100.0]))
     if special and v.size:
@@ -248,7 +252,7 @@ def gen_permute_pad(rng, ops):
     if r < 0.1 and ok and dtype in FLOATS:
         w_c = w.contiguous() if fw == "torch" else np.ascontiguousarray(w)
         pair = alias_out(rng, w_c, out_shape, fw)
-        if pair is not None and w_c.size if fw == "numpy" else pair is not None and w_c.numel():
+        if pair is not None and size(w_c):
             w, kw["out"], aliased = pair[0], pair[1], True
     elif r < 0.14 and ok and (rv is not None or cv is not None):
         use_rows = cv is None or (rv is not None and rng.random() < 0.5)
@@ -324,7 +328,7 @@ def gen_interpolate(rng, ops):
             else:
                 cols, kw["out"] = pair
             return (lambda: ops.interpolate(a, b, lam_arg, rows, cols, fill, **kw)), Expect("reject")
-    if rng.random() < 0.08 and ok and a.size if fw == "numpy" else rng.random() < 0.08 and ok and a.numel():
+    if rng.random() < 0.08 and ok and size(a):
         a_c = a.contiguous() if fw == "torch" else np.ascontiguousarray(a)
         pair = alias_out(rng, a_c, [K, *a_shape], fw)
         if pair is not None:
@@ -387,7 +391,7 @@ def gen_weighted_sum(rng, ops):
     if ok and rng.random() < 0.08:
         t0 = tensors[0]
         t0c = np.ascontiguousarray(t0) if isinstance(t0, np.ndarray) else t0.contiguous()
-        if (t0c.numel() if not isinstance(t0c, np.ndarray) else t0c.size) and K:
+        if size(t0c) and K:
             pair = alias_out(rng, t0c, [K, *shape], "numpy" if isinstance(t0c, np.ndarray) else "torch")
             if pair is not None:
                 tensors[0], kw["out"] = pair
@@ -397,7 +401,7 @@ def gen_weighted_sum(rng, ops):
     stack = np.stack([f64(x) for x in tensors])
     cm = coeffs if coeffs.ndim == 2 else coeffs[None]
     with np.errstate(invalid="ignore", over="ignore"):
-        ref = np.tensordot(cm, stack, axes=(1, 0)) if stack.size or True else None
+        ref = np.tensordot(cm, stack, axes=(1, 0))
         mag = np.tensordot(np.abs(cm), np.abs(stack), axes=(1, 0))
     acc = "float64" if dtype == "float64" else "float32"
     bound = 2 * EPS[dtype] * np.abs(ref) + (T + 2) * EPS[acc] * mag

@@ -166,7 +166,7 @@ def scenario_fork_while_pool_busy() -> None:
             finally:
                 os._exit(code)
         forks += 1
-        code = _wait(pid, timeout=20.0)
+        code = _wait(pid, timeout=30.0)
         if code is None:
             hung += 1
         elif code != 0:
@@ -182,7 +182,7 @@ def scenario_fork_while_pool_busy() -> None:
     print(f"ok: {forks} forks")
 
 
-def run_scenario(name: str, timeout: float = 120.0) -> str:
+def run_scenario(name: str, timeout: float = 300.0) -> str:
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # The numpy references must not use OpenBLAS's own thread pool: its fork handler tears that
     # pool down under a matmul running in another thread, which then spins forever (not ours).
