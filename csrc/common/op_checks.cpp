@@ -66,6 +66,9 @@ void check_permute_pad(const TensorView& w, const TensorView* rows, const Tensor
   check_out_common(out, w, w.dtype, fn, "w");
   require_shape(out, fn, "out", shape, w.ndim);
   check_no_overlap(out, w, fn, "w");
+  // The maps are read while out is written: out over a map's memory gathers from garbage indices.
+  if (rows) check_no_overlap(out, *rows, fn, "rows");
+  if (cols) check_no_overlap(out, *cols, fn, "cols");
 }
 
 void check_interpolate(const TensorView& a, const TensorView& b, const std::vector<double>& lambdas,
@@ -104,6 +107,8 @@ void check_interpolate(const TensorView& a, const TensorView& b, const std::vect
   require_shape(out, fn, "out", shape, a.ndim + 1);
   check_no_overlap(out, a, fn, "a");
   check_no_overlap(out, b, fn, "b");
+  if (rows) check_no_overlap(out, *rows, fn, "rows");
+  if (cols) check_no_overlap(out, *cols, fn, "cols");
 }
 
 void check_weighted_sum(const std::vector<TensorView>& tensors, const std::vector<double>& coeffs, int64_t K,
@@ -177,6 +182,7 @@ void check_cost_matrix(const std::vector<CostTermViews>& terms, const TensorView
   for (size_t t = 0; t < terms.size(); ++t) {
     check_no_overlap(out, terms[t].a, fn, concat("terms[", t, "].A").c_str());
     check_no_overlap(out, terms[t].b, fn, concat("terms[", t, "].B").c_str());
+    if (terms[t].has_map) check_no_overlap(out, terms[t].map, fn, concat("terms[", t, "].map").c_str());
   }
 }
 

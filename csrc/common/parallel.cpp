@@ -1,6 +1,6 @@
 #include "common/parallel.h"
 
-#include <unistd.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -116,26 +116,41 @@ class ThreadPool {
   bool stopping_ = false;
 };
 
+// The pool is shared: each parallel_for call holds its own reference for as long as it runs, so a
+// set_num_threads from another thread (which replaces the pool on the next call) never frees the
+// pool under a running call; the last holder destroys it. The global slot is heap-allocated and
+// never freed: joining worker threads from a static destructor at exit can deadlock.
 std::mutex g_pool_mutex;
-ThreadPool* g_pool = nullptr;  // leaked on purpose: joining threads at exit can deadlock
-pid_t g_pool_pid = 0;
+std::shared_ptr<ThreadPool>* g_pool = new std::shared_ptr<ThreadPool>();
 int g_num_threads = 0;
+
+// fork() copies only the forking thread. Holding g_pool_mutex across the fork keeps the child
+// from inheriting it locked by a thread that does not exist there; the child then drops the
+// parent's pool (its workers are gone, and joining them would hang) without destroying it, and
+// builds a fresh one on its next parallel call. Running calls in the parent are unaffected.
+void before_fork() { g_pool_mutex.lock(); }
+void after_fork_in_parent() { g_pool_mutex.unlock(); }
+void after_fork_in_child() {
+  new std::shared_ptr<ThreadPool>(std::move(*g_pool));  // leaked on purpose: see above
+  g_pool->reset();
+  g_pool_mutex.unlock();
+}
+[[maybe_unused]] const bool g_fork_handlers_registered =
+    pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child) == 0;
 
 int default_threads() {
   unsigned n = std::thread::hardware_concurrency();
   return n ? static_cast<int>(n) : 1;
 }
 
-ThreadPool* pool_for(int threads) {
+std::shared_ptr<ThreadPool> pool_for(int threads) {
+  std::shared_ptr<ThreadPool> replaced;  // destroyed after the lock is released (joins its workers)
   std::lock_guard<std::mutex> lock(g_pool_mutex);
-  // After fork() the child has the pool object but none of its threads: build a fresh one.
-  if (g_pool && g_pool_pid != getpid()) g_pool = nullptr;
-  if (!g_pool || g_pool->size() != threads) {
-    if (g_pool && g_pool_pid == getpid()) delete g_pool;
-    g_pool = new ThreadPool(threads - 1);
-    g_pool_pid = getpid();
+  if (!*g_pool || (*g_pool)->size() != threads) {
+    replaced = std::move(*g_pool);
+    *g_pool = std::make_shared<ThreadPool>(threads - 1);
   }
-  return g_pool;
+  return *g_pool;
 }
 
 }  // namespace
@@ -167,7 +182,8 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     const int64_t begin = c * step, end = std::min(n, begin + step);
     if (begin < end) fn(begin, end);
   };
-  if (!pool_for(threads)->try_run(chunks, chunk_fn)) fn(0, n);
+  const std::shared_ptr<ThreadPool> pool = pool_for(threads);
+  if (!pool->try_run(chunks, chunk_fn)) fn(0, n);
 }
 
 }  // namespace hm

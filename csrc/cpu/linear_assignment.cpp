@@ -264,9 +264,12 @@ template <typename T>
 [[noreturn]] void reject(const CostRows<T>& c, bool maximize) {
   for (int64_t i = 0; i < c.nr; ++i)
     for (int64_t j = 0; j < c.nc; ++j)
-      if (std::isnan(c.at(i, j))) value_error("linear_assignment: cost contains NaN");
-  value_error("linear_assignment: cost contains ", maximize ? "+inf" : "-inf", " (forbidden pairs are ",
-              maximize ? "-inf when maximize=True" : "+inf", ")");
+      if (std::isnan(c.at(i, j)))
+        value_error("linear_assignment: cost matrix contains invalid numeric entries (cost contains NaN)");
+  // "contains invalid numeric entries" is scipy's wording, which callers of its contract match on.
+  value_error("linear_assignment: cost matrix contains invalid numeric entries (cost contains ",
+              maximize ? "+inf" : "-inf", "; forbidden pairs are ", maximize ? "-inf when maximize=True" : "+inf",
+              ")");
 }
 
 template <typename T>

@@ -56,7 +56,7 @@ void permute_pad_loop(const TensorView& w, const TensorView* rows, const TensorV
         for (int64_t j = 0; j < m1; ++j) {
           const int64_t source = permute_pad_source(geo, rmap, rstride, cmap, cstride, i, j);
           Bits* out_cell = out_row + j * T;
-          if (source < 0) {
+          if (source == kPadSource) {
             std::memset(out_cell, 0, sizeof(Bits) * T);
           } else {
             for (int64_t t = 0; t < T; ++t) out_cell[t] = src[source + toff[t]];

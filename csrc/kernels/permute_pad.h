@@ -13,12 +13,16 @@ struct Axes3 {
   int64_t stride0, stride1;
 };
 
-// Offset of w's element feeding out[i, j, t] (before the trailing offset), or -1 for padding.
+// Marks padding in permute_pad_source. Not -1: with negative strides (numpy's reversed views) a
+// real element's offset is negative too, and was taken for padding.
+constexpr int64_t kPadSource = INT64_MIN;
+
+// Offset of w's element feeding out[i, j, t] (before the trailing offset), or kPadSource.
 HM_HD int64_t permute_pad_source(const Axes3& w, const int64_t* rows, int64_t rows_stride, const int64_t* cols,
                                  int64_t cols_stride, int64_t i, int64_t j) {
   const int64_t r = mapped_index(rows, rows_stride, i);
   const int64_t c = mapped_index(cols, cols_stride, j);
-  if (r == kPad || c == kPad) return -1;
+  if (r == kPad || c == kPad) return kPadSource;
   return r * w.stride0 + c * w.stride1;
 }
 
@@ -56,7 +60,7 @@ HM_HD void permute_pad_chunk(const PermutePadParams<Bits>& p, int64_t i, int64_t
       const int64_t x = x0 + v;
       const int64_t j = T == 1 ? x : x / T;
       const int64_t source = permute_pad_source(p.geo, p.rows, p.rows_stride, p.cols, p.cols_stride, i, j);
-      vals[v] = source < 0 ? Bits(0) : p.w[source + trailing_offset(p.trailing, x - j * T)];
+      vals[v] = source == kPadSource ? Bits(0) : p.w[source + trailing_offset(p.trailing, x - j * T)];
     }
   }
   Bits* dst = p.out + i * p.row_len + x0;

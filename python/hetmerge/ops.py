@@ -160,26 +160,66 @@ def _cost_out_dtype(a: Any):
 def linear_assignment(cost: Any, maximize: bool = False):
     """Exact linear assignment with scipy.optimize.linear_sum_assignment's contract.
 
-    cost: [n_rows, n_cols] float32/float64, rectangular allowed; +inf (-inf when maximizing) marks a
-    forbidden pair. Returns (row_ind, col_ind), int64 of length min(n_rows, n_cols), rows sorted, with
-    the optimal total. Raises ValueError for NaN or when no finite assignment exists.
+    cost: [n_rows, n_cols], rectangular allowed; +inf (-inf when maximizing) marks a forbidden pair.
+    float32/float64 are solved as they are; like scipy, integer, boolean and float16 arrays, lists
+    and object arrays of numbers are converted (to float64; float16/bfloat16 exactly to float32).
+    Returns (row_ind, col_ind), int64 of length min(n_rows, n_cols), rows sorted, with the optimal
+    total. Raises ValueError for NaN, a wrong shape or when no finite assignment exists, TypeError
+    for values that are not real numbers.
     """
     fn = "linear_assignment"
     import numpy as np
-
-    if not hasattr(cost, "__dlpack__"):
-        cost = np.asarray(cost)
-        if cost.dtype.kind in "iub":
-            cost = cost.astype(np.float64)
-    cost = B.as_array(cost, fn, "cost")
-    if cost.ndim != 2:
-        raise ValueError(f"{fn}: cost must be 2-D, got shape {B.shape_of(cost)}")
-    n = min(int(cost.shape[0]), int(cost.shape[1]))
     import torch
 
+    cost = _assignment_input(cost, fn)
+    if cost.ndim != 2:
+        raise ValueError(f"{fn}: cost must be 2-D (expected a matrix), got shape {B.shape_of(cost)}")
+    n = min(int(cost.shape[0]), int(cost.shape[1]))
     index_dtype = torch.int64 if isinstance(cost, torch.Tensor) else np.int64
     row_ind = B.empty_like_framework((n,), cost, index_dtype)
     col_ind = B.empty_like_framework((n,), cost, index_dtype)
     mod, extra = B.backend(cost, fn)
     mod.linear_assignment(cost, bool(maximize), row_ind, col_ind, **extra)
     return row_ind, col_ind
+
+
+def _assignment_input(cost: Any, fn: str):
+    """cost as a float32/float64 array, converted the way scipy's linear_sum_assignment converts it.
+
+    scipy takes any array-like and casts it to float64 under numpy's "safe" rule, so integers and
+    booleans pass while strings, complex, datetimes and long double raise TypeError; sequences
+    are converted element by element (float() on each: ValueError for "abc", TypeError for None).
+    Object arrays are converted element by element too, like the sequences they usually come from.
+    """
+    import numpy as np
+    import torch
+
+    if not isinstance(cost, np.ndarray) and (isinstance(cost, torch.Tensor) or hasattr(cost, "__dlpack__")):
+        t = B.as_array(cost, fn, "cost")
+        if t.dtype in (torch.float32, torch.float64):
+            return t
+        if t.dtype in (torch.float16, torch.bfloat16):
+            return t.to(torch.float32)  # exact
+        if t.dtype == torch.bool or not (t.dtype.is_floating_point or t.dtype.is_complex):
+            return t.to(torch.float64)
+        raise TypeError(f"{fn}: cost must hold real numbers; cannot cast {t.dtype} to float64")
+    if isinstance(cost, np.ndarray) or hasattr(cost, "__array__") or hasattr(cost, "__array_interface__"):
+        arr = np.asarray(cost)  # matrix and masked-array subclasses drop to plain arrays, as in scipy
+        if arr.dtype == object:
+            return _convert_elements(arr, fn)
+        if not np.can_cast(arr.dtype, np.float64, "safe"):
+            raise TypeError(f"{fn}: cost must hold real numbers: Cannot cast array data from {arr.dtype!r} "
+                            "to dtype('float64') according to the rule 'safe'")
+        if arr.dtype in (np.float32, np.float64):
+            return arr
+        return arr.astype(np.float32 if arr.dtype == np.float16 else np.float64)
+    return _convert_elements(cost, fn)
+
+
+def _convert_elements(values: Any, fn: str):
+    import numpy as np
+
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # same exception type as scipy, naming the argument
+        raise type(exc)(f"{fn}: cost: {exc}") from exc
