@@ -158,7 +158,7 @@ def test_stream_merge_matches_formula(tmp_path, chunk_bytes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_scan_counts_nonfinite_values_across_chunk_edges(monkeypatch, dtype):
-    from hetmerge import checkpoint
+    from hetmerge.checkpoint import scan as checkpoint   # where the chunk size lives
     from hetmerge.checkpoint import scan_state
 
     monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 64)     # many chunks, bad values on their edges
