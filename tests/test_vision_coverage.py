@@ -484,3 +484,96 @@ def test_registering_the_untraceable_module_makes_it_a_leaf():
         assert spec.sizes == {"inp": 6}
     finally:
         del _MODULE_HANDLERS[Gate]
+
+
+# -- other layouts and norms ------------------------------------------------------------------------
+
+class TransposedMixer(nn.Module):
+    """Channels moved last with transpose (instead of permute) and back; an SE gate unsqueezed."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv = nn.Conv2d(1, c, 3, padding=1)
+        self.norm = nn.LayerNorm(c)
+        self.mix = nn.Linear(c, c)
+        self.gate = nn.Linear(c, c)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = self.mix(self.norm(x.transpose(1, -1))).transpose(1, -1)
+        g = torch.sigmoid(self.gate(y.mean((2, 3))))
+        return self.head(y * g.unsqueeze(-1).unsqueeze(-1) + x)
+
+
+def test_transpose_and_unsqueeze_keep_track_of_the_channels():
+    torch.manual_seed(0)
+    m = randomize(TransposedMixer())
+    x = torch.randn(2, 1, 5, 5)
+    spec = check_invariance(m, x)
+    assert spec.sizes == {"conv": 6}
+    assert {("mix.weight", 0), ("gate.weight", 0), ("norm.weight", 0)} <= set(spec.groups["conv"])
+    check_recovery(m, x)
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self, groups, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(groups, 8)
+        self.conv2 = nn.Conv2d(8, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if self.functional:
+            x = F.group_norm(x, self.gn.num_groups, self.gn.weight, self.gn.bias, self.gn.eps)
+        else:
+            x = self.gn(x)
+        return self.head(self.conv2(F.relu(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("groups", [1, 8, 2])
+def test_group_norm_permutes_only_when_statistics_ignore_the_order(groups, functional):
+    torch.manual_seed(0)
+    m = randomize(GroupNormNet(groups, functional))
+    spec = check_invariance(m, torch.randn(3, 1, 5, 5))
+    # 1 group or one channel per group: free; 2 groups of 4: the channels are fixed
+    assert ("conv1" in spec.sizes) == (groups != 2)
+    assert spec.sizes["conv2"] == 5
+    assert spec.axis_groups("gn.weight", 1)[0] == spec.axis_groups("conv1.weight", 4)[0]
+
+
+class NonPersistentScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.register_buffer("scale", torch.arange(1.0, 5.0).view(4, 1, 1), persistent=False)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x) * self.scale)
+
+
+def test_channel_scale_outside_the_state_dict_fails():
+    # permuting the conv's channels would need the buffer permuted too, and no state dict holds it
+    with pytest.raises(SpecError, match=r"scale scales the channels but is not in the state dict"):
+        hm.trace_spec(NonPersistentScale())
+
+
+class FlattenChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_flatten_of_channels_last_fails():
+    # [N, H, W, C] flattened is spatial-major: the fc's input axis is not unit-major blocks
+    with pytest.raises(SpecError, match=r"node 'flatten'.*channels-last"):
+        hm.trace_spec(FlattenChannelsLast())
