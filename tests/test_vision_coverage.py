@@ -577,3 +577,18 @@ def test_flatten_of_channels_last_fails():
     # [N, H, W, C] flattened is spatial-major: the fc's input axis is not unit-major blocks
     with pytest.raises(SpecError, match=r"node 'flatten'.*channels-last"):
         hm.trace_spec(FlattenChannelsLast())
+
+
+class TypeAs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x.type_as(self.fc.weight))))
+
+
+def test_parameter_read_for_its_dtype_only_needs_no_axis():
+    spec = hm.trace_spec(TypeAs())
+    assert spec.sizes == {"fc": 6}

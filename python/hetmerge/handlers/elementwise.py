@@ -61,6 +61,9 @@ def unit_wise_call(tracer, node, target):
     first = tracer.value(node.args[0]) if node.args else None
     if first is None or len(tracer.inputs(node)) != 1:
         tracer.fail(node, "elementwise op whose first argument is not the only feature tensor")
+    if target in ("to", "type_as"):
+        for p in tracer.param_args(node):   # x.type_as(self.weight): only its dtype/device is read
+            tracer.take(node, p)
     return first
 
 
