@@ -592,3 +592,41 @@ class TypeAs(nn.Module):
 def test_parameter_read_for_its_dtype_only_needs_no_axis():
     spec = hm.trace_spec(TypeAs())
     assert spec.sizes == {"fc": 6}
+
+
+class PadUpsample(nn.Module):
+    """Same-padding written as F.pad (timm's Conv2dSame), padding modules, and U-Net style upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 5, 3)
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv2 = nn.Conv2d(5, 7, 3, stride=2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(F.pad(x, (1, 1, 1, 1))))
+        x = F.relu(self.conv2(self.pad(x)))
+        return self.head(F.interpolate(self.up(x), scale_factor=0.5, mode="bilinear"))
+
+
+def test_spatial_padding_and_resizing_keep_the_channels():
+    torch.manual_seed(0)
+    spec = check_invariance(randomize(PadUpsample()), torch.randn(2, 1, 8, 8))
+    assert spec.sizes == {"conv1": 5, "conv2": 7}
+
+
+class ChannelPad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.pad(self.conv(x), (0, 0, 0, 0, 1, 1)))
+
+
+def test_padding_the_channels_fails():
+    with pytest.raises(SpecError, match=r"node 'pad'.*pads the channel axis"):
+        hm.trace_spec(ChannelPad())

@@ -1,10 +1,13 @@
-"""Kinds that move the channel axis without touching the units: permute / transpose (channels-last
-blocks such as ConvNeXt's x.permute(0, 2, 3, 1) ... x.permute(0, 3, 1, 2)) and unsqueeze."""
+"""Kinds that move the channel axis or change the spatial dims without touching the units:
+permute / transpose (channels-last blocks such as ConvNeXt's x.permute(0, 2, 3, 1) ...
+x.permute(0, 3, 1, 2)), unsqueeze, spatial padding and resizing (upsampling)."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..trace import register_handler
 
@@ -76,3 +79,49 @@ def unsqueeze(tracer, node, target):
         tracer.fail(node, "unsqueeze of a flattened tensor")
     return dataclasses.replace(x, dim=1, nd=nd + 1) if f == 1 else \
         tracer.fail(node, f"unsqueeze({d}) after channels-last features")
+
+
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+                nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+                nn.CircularPad2d, nn.CircularPad3d)
+
+
+def _spatial_pad(tracer, node, x, pad):
+    """Padding the last len(pad) // 2 dims keeps the units when none of them is the channel axis."""
+    if x is None or not isinstance(pad, (tuple, list)):
+        tracer.fail(node, "padding with non-constant sizes")
+    k = len(pad) // 2
+    nd = 2 if x.flat else x.nd
+    if x.dim == -1 or x.flat or (nd is not None and k >= nd - 1):
+        tracer.fail(node, f"pads the channel axis (pad={tuple(pad)}), which would add units")
+    if nd is None:
+        tracer.fail(node, f"pad={tuple(pad)} of a tensor of unknown rank (pass example_input)")
+    return x
+
+
+@register_handler(F.pad)
+def pad(tracer, node, fn):
+    return _spatial_pad(tracer, node, tracer.value(tracer.arg(node, 0, "input")), tracer.arg(node, 1, "pad"))
+
+
+@register_handler(*_PAD_MODULES)
+def pad_module(tracer, node, module):
+    return _spatial_pad(tracer, node, tracer.single_input(node, module), module.padding)
+
+
+@register_handler(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+def upsample_module(tracer, node, module):
+    x = tracer.single_input(node, module)
+    tracer.require_first(node, x, type(module).__name__)
+    return x
+
+
+@register_handler(F.interpolate, F.upsample)
+def interpolate(tracer, node, fn):
+    """Resizing the spatial dims of a channels-first tensor keeps every channel."""
+    x = tracer.value(tracer.arg(node, 0, "input"))
+    if x is None:
+        tracer.fail(node, "interpolate whose input is not the feature tensor")
+    tracer.require_first(node, x, "interpolate")
+    return x
