@@ -630,3 +630,39 @@ class ChannelPad(nn.Module):
 def test_padding_the_channels_fails():
     with pytest.raises(SpecError, match=r"node 'pad'.*pads the channel axis"):
         hm.trace_spec(ChannelPad())
+
+
+class WSConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardized per output channel in forward."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class WSNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = WSConv2d(1, 6, 3, padding=1)
+        self.conv2 = WSConv2d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_computed_conv_weight_fails_until_a_handler_describes_it():
+    from hetmerge.trace import _MODULE_HANDLERS
+    with pytest.raises(SpecError, match=r"node 'conv2d'.*its weight is not a parameter of the model as stored"):
+        hm.trace_spec(WSNet())
+
+    @hm.register_handler(WSConv2d)
+    def _ws(tracer, node, module):   # standardization is per output channel: a plain conv's axes
+        return tracer.linear(node, module, tracer.single_input(node, module), kind="conv")
+    try:
+        torch.manual_seed(0)
+        spec = check_invariance(randomize(WSNet()), torch.randn(2, 1, 5, 5))
+        assert spec.sizes == {"conv1": 6, "conv2": 4}
+    finally:
+        del _MODULE_HANDLERS[WSConv2d]
