@@ -124,3 +124,15 @@ def test_register_handler_rejects_non_kinds():
 def test_permspec_prints_a_short_summary():
     spec = hm.trace_spec(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
     assert repr(spec) == "PermSpec(1 free groups [0=6], 2 layers, fixed ['input', 'output'])"
+
+
+def test_example_input_leaves_running_stats_untouched():
+    # tracing runs example_input through the model once; in training mode that used to update the
+    # BatchNorm running statistics of the user's model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hm.trace_spec(model, torch.randn(5, 1, 4, 4) * 3 + 1)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
