@@ -666,3 +666,30 @@ def test_computed_conv_weight_fails_until_a_handler_describes_it():
         assert spec.sizes == {"conv1": 6, "conv2": 4}
     finally:
         del _MODULE_HANDLERS[WSConv2d]
+
+
+class CatHeads(nn.Module):
+    def __init__(self, add=False):
+        super().__init__()
+        self.add = add
+        self.hidden = nn.Linear(4, 5)
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(5, 2)
+        self.c = nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.hidden(x))
+        out = torch.cat([self.a(h), self.b(h)], dim=-1)
+        return out + self.c(h) if self.add else out
+
+
+def test_concatenation_into_the_output_fixes_its_parts():
+    torch.manual_seed(0)
+    spec = check_invariance(randomize(CatHeads()), torch.randn(6, 4))
+    assert spec.sizes == {"hidden": 5}
+    assert spec.is_fixed(spec.axis_groups("a.weight", 2)[0]) and spec.is_fixed(spec.axis_groups("b.bias", 1)[0])
+
+
+def test_adding_to_a_concatenation_fails():
+    with pytest.raises(SpecError, match=r"cannot join a channel concatenation.*node 'add'"):
+        hm.trace_spec(CatHeads(add=True), torch.randn(6, 4))
