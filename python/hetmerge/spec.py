@@ -69,21 +69,17 @@ class PermSpec:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed
         pseudo-group named "key:axis" (paired by position). An axis made of segments of several
         groups has no single group: SpecError (pairing such axes is not supported yet)."""
-        out = []
-        for ax in range(min(ndim, 2)):
-            if (key, ax) in self.segments:
-                parts = [g for g, _, _ in self.segments[(key, ax)]]
-                raise SpecError(f"spec: axis {ax} of {key!r} is a concatenation of groups {parts} "
-                                "(torch.cat along the channels); pairing, aligning and merging models "
-                                "with concatenated channels is not supported yet (the graph and "
-                                "maps.permute_state handle it)")
-            out.append(self._axis_to_group.get((key, ax), f"{key}:{ax}"))
-        return tuple(out)
+        return tuple(self.axis_group(key, ax) for ax in range(min(ndim, 2)))
 
     def axis_group(self, key: str, axis: int) -> str:
         """Group of one axis (see axis_groups)."""
-        return self.axis_groups(key, axis + 1)[axis] if (key, axis) in self.segments else \
-            self._axis_to_group.get((key, axis), f"{key}:{axis}")
+        if (key, axis) in self.segments:
+            parts = [g for g, _, _ in self.segments[(key, axis)]]
+            raise SpecError(f"spec: axis {axis} of {key!r} is a concatenation of groups {parts} "
+                            "(torch.cat along the channels); pairing, aligning and merging models "
+                            "with concatenated channels is not supported yet (the graph and "
+                            "maps.permute_state handle it)")
+        return self._axis_to_group.get((key, axis), f"{key}:{axis}")
 
     def axis_segments(self, key: str, axis: int) -> tuple | None:
         """((group, units, block), ...) when axis `axis` of `key` is a concatenation, else None."""

@@ -319,9 +319,10 @@ class Tracer:
     def layer_index(self, path: str) -> int:
         return next(i for i, layer in enumerate(self.layers) if layer[0] == path)
 
-    def attach(self, x: Val, path: str, params: dict[str, str]) -> int:
+    def attach(self, x: Val, path: str, params: dict[str, str]) -> int | None:
         """Per-unit parameters `params` (local name -> key) go with the layer that produced x (as
-        norm.* roles), or form a layer `path` of their own when none did. Returns the layer index."""
+        norm.* roles), or form a layer `path` of their own when none did. Returns the layer index
+        (None when there was nothing new to attach and no layer)."""
         params = {local: key for local, key in params.items() if key not in self.in_layer}
         if x.layer is None:
             if not params:
