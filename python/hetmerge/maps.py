@@ -45,9 +45,13 @@ def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
     for key, t in state.items():
         if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() == 0:
             continue
-        gs = spec.axis_groups(key, t.dim())
         maps = []
-        for ax, g in enumerate(gs):
+        for ax in range(min(t.dim(), 2)):
+            segs = spec.axis_segments(key, ax)
+            if segs is not None:
+                maps.append(_segment_map(segs, perms))
+                continue
+            g = spec.axis_group(key, ax)
             if g in perms:
                 maps.append(expand_map(torch.as_tensor(perms[g]), spec.block(key, ax)))
             else:
@@ -58,6 +62,18 @@ def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
         cols = maps[1] if len(maps) > 1 else None
         out[key] = ops.permute_pad(t.detach(), rows, cols)
     return out
+
+
+def _segment_map(segments, perms) -> torch.Tensor | None:
+    """Entry map of a concatenated axis: each part permuted by its group's map, in place."""
+    if not any(g in perms for g, _, _ in segments):
+        return None
+    out, offset = [], 0
+    for g, n, block in segments:
+        src = torch.as_tensor(perms[g]) if g in perms else torch.arange(n)
+        out.append(expand_map(src, block) + offset)
+        offset += n * block
+    return torch.cat(out)
 
 
 def inverse_map(src: torch.Tensor, n_b: int) -> torch.Tensor:

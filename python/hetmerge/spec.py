@@ -47,6 +47,11 @@ class PermSpec:
     fixed:  groups that are never permuted  (model input / output, and axes no group lists)
     layers: weighted layers, shallow to deep
     probes: group -> (module path, kind)    where the group's activations enter a layer (activation matching)
+    segments: (key, axis) -> ((group, units, block), ...)
+                                            an axis holding a concatenation (torch.cat along the
+                                            channels): consecutive parts, each the units of one group
+                                            (`block` entries each); no new freedom, so these axes are
+                                            listed under no group
     """
     groups: dict[str, list[tuple[str, int]]]
     blocks: dict[tuple[str, int], int]
@@ -54,14 +59,27 @@ class PermSpec:
     fixed: frozenset
     layers: list[Layer]
     probes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    segments: dict[tuple[str, int], tuple] = field(default_factory=dict)
 
     def axis_groups(self, key: str, ndim: int) -> tuple[str, ...]:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed
-        pseudo-group named "key:axis" (paired by position)."""
-        out = []
-        for ax in range(min(ndim, 2)):
-            out.append(self._axis_to_group.get((key, ax), f"{key}:{ax}"))
-        return tuple(out)
+        pseudo-group named "key:axis" (paired by position). An axis made of segments of several
+        groups has no single group: SpecError (pairing such axes is not supported yet)."""
+        return tuple(self.axis_group(key, ax) for ax in range(min(ndim, 2)))
+
+    def axis_group(self, key: str, axis: int) -> str:
+        """Group of one axis (see axis_groups)."""
+        if (key, axis) in self.segments:
+            parts = [g for g, _, _ in self.segments[(key, axis)]]
+            raise SpecError(f"spec: axis {axis} of {key!r} is a concatenation of groups {parts} "
+                            "(torch.cat along the channels); pairing, aligning and merging models "
+                            "with concatenated channels is not supported yet (the graph and "
+                            "maps.permute_state handle it)")
+        return self._axis_to_group.get((key, axis), f"{key}:{axis}")
+
+    def axis_segments(self, key: str, axis: int) -> tuple | None:
+        """((group, units, block), ...) when axis `axis` of `key` is a concatenation, else None."""
+        return self.segments.get((key, axis))
 
     def is_fixed(self, group: str) -> bool:
         return group in self.fixed or group not in self.groups
@@ -77,12 +95,17 @@ class PermSpec:
                     raise SpecError(f"spec: axis ({key!r}, {ax}) is listed in groups "
                                     f"{self._axis_to_group[(key, ax)]!r} and {g!r}")
                 self._axis_to_group[(key, ax)] = g
+        for (key, ax) in self.segments:
+            if (key, ax) in self._axis_to_group:
+                raise SpecError(f"spec: axis ({key!r}, {ax}) is both a concatenation and in group "
+                                f"{self._axis_to_group[(key, ax)]!r}")
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{g}={n}" for g, n in list(self.sizes.items())[:8])
         more = f", ... {len(self.sizes) - 8} more" if len(self.sizes) > 8 else ""
+        cat = f", {len(self.segments)} concatenated axes" if self.segments else ""
         return (f"PermSpec({len(self.free_groups)} free groups [{sizes}{more}], "
-                f"{len(self.layers)} layers, fixed {sorted(self.fixed)})")
+                f"{len(self.layers)} layers, fixed {sorted(self.fixed)}{cat})")
 
     @property
     def free_groups(self) -> list[str]:

@@ -28,9 +28,11 @@ _FUNCTIONS = (
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
 )
 _METHODS = ("relu", "tanh", "sigmoid", "abs", "neg", "contiguous", "clone", "detach", "float", "to",
-            "type_as", "relu_", "sigmoid_", "tanh_")
-_JOINS = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, "add", "sub",
-          "mul", "add_", "mul_", operator.iadd, operator.imul)
+            "type_as", "relu_", "sigmoid_", "tanh_", "sqrt", "rsqrt", "exp", "pow", "square")
+_POWERS = (torch.sqrt, torch.rsqrt, torch.exp, torch.square, operator.pow, torch.pow)
+# entry-by-entry combinations of tensors (and per-channel parameters): their units line up
+_JOINS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+          torch.div, "add", "sub", "mul", "div", "add_", "mul_", "div_", operator.iadd, operator.imul)
 
 
 @register_handler(*_MODULES)
@@ -54,19 +56,31 @@ def pool_module(tracer, node, module):
     return x
 
 
-@register_handler(*_FUNCTIONS, *_METHODS)
+@register_handler(*_FUNCTIONS, *_METHODS, *_POWERS)
 def unit_wise_call(tracer, node, target):
     first = tracer.value(node.args[0]) if node.args else None
-    if first is None:
-        tracer.fail(node, "elementwise op whose first argument is not the feature tensor")
+    if first is None or len(tracer.inputs(node)) != 1:
+        tracer.fail(node, "elementwise op whose first argument is not the only feature tensor")
+    if target in ("to", "type_as"):
+        for p in tracer.param_args(node):   # x.type_as(self.weight): only its dtype/device is read
+            tracer.take(node, p)
     return first
 
 
 @register_handler(*_JOINS)
 def join(tracer, node, target):
-    """x + y (a residual connection): both operands' units must move together."""
+    """x + y (a residual connection), x * gate (squeeze-and-excitation), gamma * x (a per-channel
+    parameter): the operands' units must move together."""
     args = tracer.inputs(node)
     g = tracer.join(*(a.group for a in args))
     if any(a.flat != args[0].flat for a in args):
         tracer.fail(node, "adds a flattened tensor to an unflattened one")
-    return Val(g, args[0].flat, args[0].layer)
+    known = [a for a in args if a.nd is not None and a.nd > 2]
+    if len({a.dim for a in known}) > 1:
+        tracer.fail(node, "combines a channels-first tensor with a channels-last one")
+    like = known[0] if known else args[0]
+    nds = [a.nd for a in args if a.nd is not None]
+    out = Val(g, args[0].flat, args[0].layer, like.dim, max(nds) if nds else None)
+    for p in tracer.param_args(node):
+        tracer.scale_param(node, p, out)
+    return out

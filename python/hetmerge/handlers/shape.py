@@ -9,12 +9,18 @@ import torch.nn as nn
 from ..trace import Val, register_handler
 
 
+def _not_channels_last(tracer, node, x):
+    if x.dim == -1 and x.nd is not None and x.nd > 2:
+        tracer.fail(node, "flattens a channels-last tensor (its entries would not be grouped by unit)")
+
+
 @register_handler(nn.Flatten)
 def flatten_module(tracer, node, module):
     x = tracer.single_input(node, module)
     if module.start_dim != 1:
         tracer.fail(node, f"Flatten(start_dim={module.start_dim}) (only start_dim=1 keeps units whole)")
-    return Val(x.group, True, x.layer)
+    _not_channels_last(tracer, node, x)
+    return Val(x.group, True, x.layer, 1, 2)
 
 
 @register_handler(torch.flatten, "flatten")
@@ -23,26 +29,51 @@ def flatten(tracer, node, target):
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     if start != 1 or first is None:
         tracer.fail(node, f"flatten(start_dim={start}) (only start_dim=1 keeps units whole)")
-    return Val(first.group, True, first.layer)
+    _not_channels_last(tracer, node, first)
+    return Val(first.group, True, first.layer, 1, 2)
 
 
 @register_handler("view", "reshape", torch.reshape)
 def view(tracer, node, target):
+    """view/reshape(batch, -1) flattens the channels with the spatial dims; view(batch, C or -1,
+    1, ...) of an unflattened [N, C] adds size-1 dims after the channels (an SE gate)."""
     first = tracer.value(node.args[0]) if node.args else None
     shape = node.args[1:] if target is not torch.reshape else node.args[1]
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
-    batch_first = len(shape) == 2 and shape[1] == -1 and (isinstance(shape[0], fx.Node) or shape[0] == -1)
-    if first is None or not batch_first:
-        tracer.fail(node, f"{target}{tuple(shape)} (only view/reshape(batch, -1) can be followed)")
-    return Val(first.group, True, first.layer)
+    batch = len(shape) >= 2 and (isinstance(shape[0], fx.Node) or shape[0] == -1)
+    if first is not None and batch and len(shape) == 2 and shape[1] == -1:
+        _not_channels_last(tracer, node, first)
+        return Val(first.group, True, first.layer, 1, 2)
+    gate = (first is not None and batch and len(shape) > 2 and not first.flat
+            and (first.nd == 2 or first.nd is None and first.dim == -1)
+            and all(not isinstance(s, fx.Node) and s == 1 for s in shape[2:]))
+    if gate:
+        return Val(first.group, False, first.layer, 1, len(shape))
+    tracer.fail(node, f"{target}{tuple(shape)} (only view/reshape(batch, -1), or (batch, C, 1, ...) of a "
+                      "[batch, C] tensor, can be followed)")
 
 
-@register_handler("mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax)
+@register_handler("mean", "sum", "amax", "amin", "var", "std", torch.mean, torch.sum, torch.amax,
+                  torch.amin, torch.var, torch.std)
 def reduce(tracer, node, target):
+    """A reduction over spatial dims keeps the channels. One over the channels (a LayerNorm written
+    out: x.mean(1, keepdim=True)) is the same whatever their order: a value with no units (None)."""
     first = tracer.value(node.args[0]) if node.args else None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = (dims,) if isinstance(dims, int) else dims
-    if first is None or first.flat or not dims or any(d in (0, 1, -1) for d in dims):
-        tracer.fail(node, f"{target} over dims {dims} (only spatial dims >= 2 can be reduced)")
-    return first
+    keep = node.args[2] if len(node.args) > 2 and target not in ("var", "std", torch.var, torch.std) \
+        else node.kwargs.get("keepdim", False)
+    if first is None or not dims or not all(isinstance(d, int) for d in dims):
+        tracer.fail(node, f"{target} over dims {dims} (only reductions over given dims can be followed)")
+    nd = 2 if first.flat else first.nd
+    on_features = [tracer.is_feature_dim(node, first, d, nd) for d in dims]
+    if any(on_features):
+        return None
+    if any(d == 0 or nd is not None and d == -nd for d in dims):
+        tracer.fail(node, f"{target} over the batch dim")
+    if first.flat:
+        tracer.fail(node, f"{target} over a flattened tensor's features")
+    if keep or nd is None:
+        return first if keep else Val(first.group, first.flat, first.layer, first.dim, None)
+    return Val(first.group, False, first.layer, first.dim, nd - len(dims))
