@@ -17,6 +17,9 @@ Parameters read outside their module (``get_attr`` nodes: ``F.linear(x, self.wei
 such a parameter fails rather than leave it unpermuted.
 
 Anything without a handler raises SpecError naming the node, the module path and this remedy.
+
+Why this module is long: the walk and the Tracer methods handlers call (recording axes, segments,
+layouts, get_attr parameters) are one unit; every kind-specific rule lives in handlers/.
 """
 from __future__ import annotations
 
