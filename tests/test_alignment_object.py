@@ -100,3 +100,10 @@ def test_reprs_are_short_summaries(pair):
     for text in (repr(res), repr(res.alignment)):
         assert len(text) < 200 and "tensor(" not in text
     assert f"{len(res.maps)} maps" in repr(res) and "2 size-compatible" in repr(res)
+
+
+def test_pairing_prints_a_short_summary(pair):
+    _, _, res = pair
+    text = repr(res.pairing)
+    assert text.startswith("Pairing(3 layers [fc0<-fc0, fc1<-fc1, head<-head]") and "tensor(" not in text
+    assert "2 size-compatible" in text and len(text) < 200

@@ -354,3 +354,15 @@ def test_object_arrays_convert_like_the_lists_they_hold(rows):
 def test_rejects_complex_tensors(dtype):
     with pytest.raises(TypeError, match="linear_assignment: cost must hold real numbers"):
         ops.linear_assignment(torch.zeros(3, 3, dtype=dtype))
+
+
+def test_constant_cost_matrix_gives_the_identity_like_scipy_11602():
+    # every assignment of a constant matrix is optimal; scipy pins the identity, and so do we
+    for n in (1, 2, 8, 33):
+        for maximize in (False, True):
+            r, c = ops.linear_assignment(np.ones((n, n)), maximize=maximize)
+            assert np.array_equal(r, np.arange(n)) and np.array_equal(c, np.arange(n))
+    # ties broken toward the diagonal only where the diagonal is minimal: the optimum is unchanged
+    C = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    r, c = ops.linear_assignment(C)
+    assert C[r, c].sum() == C[linear_sum_assignment(C)].sum() == 1.0

@@ -15,13 +15,9 @@ import sys
 import scipy.optimize.tests.test_linear_assignment as scipy_tests
 
 # scipy tests ours is known to fail, with the reason; each must still fail (so that fixing it
-# shows here) and every other test must pass.
-KNOWN_FAILURES = {
-    # Issue #11602 in scipy: on an all-equal matrix every assignment is optimal and scipy pins the
-    # identity. Ours returns another optimal one: LAPJV's column reduction and augmenting row
-    # reduction break ties differently from scipy's shortest augmenting path (same objective).
-    "test_constant_cost_matrix": "tie order on a constant matrix",
-}
+# shows here) and every other test must pass. None today: test_constant_cost_matrix (scipy's #11602,
+# ties on a constant matrix must give the identity) passes since column reduction prefers the diagonal.
+KNOWN_FAILURES: dict[str, str] = {}
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)

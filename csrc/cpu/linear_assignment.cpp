@@ -337,6 +337,11 @@ class Solver {
       }
       if (!(v_[j] < kInf)) infeasible();  // a column with no allowed row
     }
+    // Ties go to the diagonal: where row j is among column j's minimal rows, it is the one chosen.
+    // Any minimal row is correct; this one makes tied costs (a constant matrix, scipy's #11602)
+    // come back as the identity, as scipy returns them, and costs nothing (one read per column).
+    for (int64_t j = 0; j < std::min(nr_, nc_); ++j)
+      if (c_.sign * static_cast<double>(c_.row(j)[j]) == v_[j]) argrow[j] = static_cast<int32_t>(j);
     matches_.assign(nr_, 0);
     for (int64_t j = nc_ - 1; j >= 0; --j) {
       const int32_t i = argrow[j];

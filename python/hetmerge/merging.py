@@ -26,7 +26,7 @@ from .maps import transform
 from .pairing import LayerMapError, Pairing, resolve_layer
 
 __all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", "resolve", "layer_lams",
-           "check_lam"]
+           "check_lam", "memory_estimate"]
 
 
 @dataclass(frozen=True)
@@ -227,3 +227,23 @@ def merge(base: nn.Module, target: nn.Module, res=None, lam=0.5, fill: str = "ze
     merged = copy.deepcopy(base)
     merged.load_state_dict(new)
     return merged
+
+
+def memory_estimate(pairing: Pairing, base_state: Mapping[str, torch.Tensor],
+                    target_state: Mapping[str, torch.Tensor], n_lambdas: int) -> dict[str, int]:
+    """Bytes each step needs for these two models (weights in their stored dtype, float32 costs):
+    align (both models + the largest cost matrix), merge in memory or streamed (row blocks), and a
+    sweep of `n_lambdas` factors (hm.sweep bounds its stacked weights at 512 MB). Works on
+    meta-device states: only shapes are read."""
+    def nbytes(t):
+        return t.numel() * t.element_size()
+    bytes_a = sum(nbytes(v) for v in base_state.values())
+    bytes_b = sum(nbytes(v) for v in target_state.values())
+    cost = max((l.n_a * l.n_b * 4 for l in pairing.links.values() if l.free), default=0)
+    paired = sum(nbytes(base_state[pp.base_key]) for pp in pairing.params)
+    sweep_chunk = min(n_lambdas * paired, max(paired, 1 << 29))
+    biggest = max((nbytes(v) for v in base_state.values()), default=0)
+    return {"base_weights": bytes_a, "target_weights": bytes_b, "largest_cost_matrix": cost,
+            "align_peak": bytes_a + bytes_b + cost, "merge_in_memory_peak": 2 * bytes_a + bytes_b,
+            "merge_streaming_peak": min(biggest, 64 << 20) * 3, "sweep_stacked_weights": sweep_chunk,
+            "sweep_peak": bytes_a + bytes_b + sweep_chunk}

@@ -70,6 +70,17 @@ class Pairing:
     def position_maps(self) -> dict[str, torch.Tensor]:
         return {n: position_map(l.n_a, l.n_b) for n, l in self.links.items()}
 
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for c in self.cases.values():
+            counts[c] = counts.get(c, 0) + 1
+        pairs = ", ".join(f"{b}<-{t}" for b, t in list(self.layer_map.items())[:6])
+        more = f", ... {len(self.layer_map) - 6} more" if len(self.layer_map) > 6 else ""
+        solved = sum(1 for l in self.links.values() if l.free)
+        return (f"Pairing({len(self.layer_map)} layers [{pairs}{more}], {len(self.links)} links "
+                f"({solved} solved), {len(self.params)} paired tensors, "
+                f"cases: {', '.join(f'{n} {c}' for c, n in sorted(counts.items())) or 'none'})")
+
 
 def _layer_case(a: torch.Size, b: torch.Size) -> str:
     if tuple(a) == tuple(b):

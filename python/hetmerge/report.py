@@ -286,3 +286,47 @@ def write_markdown(path: str | Path, text: str) -> Path:
     with atomic_write(p, "w") as f:
         f.write(text)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep reports (hetmerge sweep)
+# ---------------------------------------------------------------------------------------------
+
+def sweep_curves(curves: Mapping[str, Any]) -> dict[str, Any]:
+    """{"lambdas": [...], name: {loss, acc, barrier, lam_star, target_*, timings}} of SweepResults
+    (e.g. "unaligned" and "aligned"), as strict-JSON-ready lists."""
+    first = next(iter(curves.values()))
+    out: dict[str, Any] = {"lambdas": first.lambdas.tolist()}
+    for name, c in curves.items():
+        out[name] = {"loss": c.loss.tolist(), "acc": c.acc.tolist(), "barrier": c.barrier, "lam_star": c.lam_star,
+                     "target_loss": None if c.target_loss is None else c.target_loss.tolist(),
+                     "target_acc": None if c.target_acc is None else c.target_acc.tolist(),
+                     "target_barrier": c.target_barrier, "timings": c.timings}
+    return out
+
+
+def sweep_tables(doc: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(per-λ rows, per-curve summary rows) of an aligned-vs-unaligned sweep document."""
+    lams = doc["lambdas"]
+    rows = [{"λ": l, "loss_unal": doc["unaligned"]["loss"][i], "loss_al": doc["aligned"]["loss"][i],
+             "acc_unal %": 100 * doc["unaligned"]["acc"][i], "acc_al %": 100 * doc["aligned"]["acc"][i]}
+            for i, l in enumerate(lams)]
+    summary = [{"": n, "barrier": doc[n]["barrier"], "λ*": doc[n]["lam_star"],
+                "acc at λ*": 100 * doc[n]["acc"][min(range(len(lams)), key=lambda i: abs(lams[i] - doc[n]["lam_star"]))]}
+               for n in ("unaligned", "aligned")]
+    return rows, summary
+
+
+def write_sweep_report(folder: Path, doc: Mapping[str, Any], rows: list[dict], trace: Sequence[float],
+                       pair_name: str, intro: str, title: str) -> None:
+    """sweep.json, sweep.png, report.md (and alignment_trace.png when there is a trace) in `folder`."""
+    folder = Path(folder)
+    write_json(doc, folder / "sweep.json")
+    png = plot_sweeps([{"name": pair_name, "lambdas": doc["lambdas"], "aligned": doc["aligned"],
+                        "unaligned": doc["unaligned"]}], folder / "sweep.png", title)
+    if trace:
+        plot_traces({"aligned": list(trace)}, folder / "alignment_trace.png", "weight-matching convergence")
+    md = ["# hetmerge sweep", "", intro, "", markdown_table(rows, list(rows[0])), "", f"![λ sweep]({png.name})", ""]
+    if trace:
+        md += ["![alignment trace](alignment_trace.png)", ""]
+    write_markdown(folder / "report.md", "\n".join(md))

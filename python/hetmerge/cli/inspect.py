@@ -6,6 +6,7 @@ from typing import Any
 
 from .models import layer_lams, load_model, plan_from_args, prepare
 from .outputs import check_output, plan_inputs
+from ..merging import memory_estimate
 from .ui import EXIT_OK, UI, human
 
 
@@ -83,17 +84,10 @@ def cmd_inspect(args, ui: UI) -> int:
 
     # memory: weights, the largest cost matrix, the sweep's stacked copies, the streaming merge's blocks
     o = plan.options
-    bytes_a, bytes_b = info["models"]["base"]["bytes"], info["models"]["target"]["bytes"]
-    free = [l for l in pairing.links.values() if l.free]
-    cost = max((l.n_a * l.n_b * 4 for l in free), default=0)
-    paired = sum(sd_a[pp.base_key].numel() * sd_a[pp.base_key].element_size() for pp in pairing.params)
     K = len(o.lambdas) if isinstance(o.lambdas, list) else int(o.lambdas)
-    sweep_chunk = min(K * paired, max(paired, 1 << 29))     # hm.sweep bounds its stacked weights at 512 MB
-    biggest = max((v.numel() * v.element_size() for v in sd_a.values()), default=0)
-    mem = {"base_weights": bytes_a, "target_weights": bytes_b, "largest_cost_matrix": cost,
-           "align_peak": bytes_a + bytes_b + cost, "merge_in_memory_peak": 2 * bytes_a + bytes_b,
-           "merge_streaming_peak": min(biggest, 64 << 20) * 3, "sweep_stacked_weights": sweep_chunk,
-           "sweep_peak": bytes_a + bytes_b + sweep_chunk}
+    mem = memory_estimate(pairing, sd_a, sd_b, K)
+    bytes_a, bytes_b, cost, sweep_chunk = (mem["base_weights"], mem["target_weights"], mem["largest_cost_matrix"],
+                                           mem["sweep_stacked_weights"])
     info["memory_estimate_bytes"] = mem
     ui.out("")
     ui.out("memory estimate (weights in their stored dtype, float32 costs):")

@@ -50,37 +50,20 @@ def cmd_sweep(args, ui: UI) -> int:
             bar.set_postfix_str(f"{name}: barrier {c.barrier:.3f}, λ* {c.lam_star:.2f}")
             bar.update(1)
     bar.close()
-    lams = curves["aligned"].lambdas.tolist()
     doc = {"created_by": "hetmerge sweep", "versions": R.versions(), "plan": plan.to_dict(),
            "base": fingerprint(plan.base), "target": fingerprint(plan.target),
-           "layer_map": pairing.layer_map, "cases": pairing.cases, "lambdas": lams,
+           "layer_map": pairing.layer_map, "cases": pairing.cases,
            "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": trace,
-                         "objective": res.objective if res is not None else None}}
-    for name, c in curves.items():
-        doc[name] = {"loss": c.loss.tolist(), "acc": c.acc.tolist(), "barrier": c.barrier, "lam_star": c.lam_star,
-                     "target_loss": None if c.target_loss is None else c.target_loss.tolist(),
-                     "target_acc": None if c.target_acc is None else c.target_acc.tolist(),
-                     "target_barrier": c.target_barrier, "timings": c.timings}
-    rows = [{"λ": l, "loss_unal": doc["unaligned"]["loss"][i], "loss_al": doc["aligned"]["loss"][i],
-             "acc_unal %": 100 * doc["unaligned"]["acc"][i], "acc_al %": 100 * doc["aligned"]["acc"][i]}
-            for i, l in enumerate(lams)]
+                         "objective": res.objective if res is not None else None},
+           **R.sweep_curves(curves)}
+    rows, summary = R.sweep_tables(doc)
     ui.out(R.table(rows))
     ui.out("")
-    ui.out(R.table([{"": n, "barrier": doc[n]["barrier"], "λ*": doc[n]["lam_star"],
-                     "acc at λ*": 100 * doc[n]["acc"][min(range(len(lams)), key=lambda i: abs(lams[i] - doc[n]["lam_star"]))]}
-                    for n in ("unaligned", "aligned")], align_left=[""]))
+    ui.out(R.table(summary, align_left=[""]))
     # every file lands in a temporary folder that replaces outdir only when all are written
     with atomic_dir(outdir, SWEEP_FILES) as tmp:
-        R.write_json(doc, tmp / "sweep.json")
-        png = R.plot_sweeps([{"name": f"{plan.base.weights.name} ← {plan.target.weights.name}", "lambdas": lams,
-                              "aligned": doc["aligned"], "unaligned": doc["unaligned"]}], tmp / "sweep.png",
-                            f"λ sweep on {o.data}: aligned vs unaligned")
-        if trace:
-            R.plot_traces({"aligned": trace}, tmp / "alignment_trace.png", "weight-matching convergence")
-        md = ["# hetmerge sweep", "", f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.", "",
-              R.markdown_table(rows, list(rows[0])), "", f"![λ sweep]({png.name})", ""]
-        if trace:
-            md += ["![alignment trace](alignment_trace.png)", ""]
-        R.write_markdown(tmp / "report.md", "\n".join(md))
+        R.write_sweep_report(tmp, doc, rows, trace, f"{plan.base.weights.name} ← {plan.target.weights.name}",
+                             f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.",
+                             f"λ sweep on {o.data}: aligned vs unaligned")
     ui.out(f"wrote {outdir}/sweep.json, sweep.png, report.md")
     return EXIT_OK
