@@ -579,3 +579,81 @@ def test_dare_ties_statistics_match_mergekit(llamas, tmp_path):
     p = 1 - (1 - d) ** 2
     tol = 5 * math.sqrt(p * (1 - p) / n)
     assert abs(nz_ours / n - p) < tol and abs(nz_ref / n - p) < tol
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: hetmerge merge-tasks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_ckpts(tmp_path_factory):
+    from hetmerge import models
+    from hetmerge.checkpoint import save_state
+
+    d = tmp_path_factory.mktemp("tasks_ckpt")
+    torch.manual_seed(0)
+    base = models.mlp(64, [48, 48], 10)
+    save_state(base.state_dict(), d / "base.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for t in range(3):
+        save_state({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()},
+                   d / f"e{t}.safetensors")
+    save_state(models.mlp(64, [48, 40], 10).state_dict(), d / "other.safetensors")
+    return d
+
+
+def _cli(capsys, *argv):
+    from hetmerge.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return code, out, err
+
+
+@pytest.mark.parametrize("method,flags,kw", [
+    ("ties", ["--density", "0.5", "--scale", "0.8"], {"density": 0.5, "scale": 0.8}),
+    ("dare_ties", ["--density", "0.3", "--seed", "4", "--no-normalize"], {"density": 0.3, "seed": 4, "normalize": False}),
+    ("tsv", ["--rank", "3"], {"rank": 3}),
+])
+def test_cli_merge_tasks_equals_library(mlp_ckpts, tmp_path, capsys, method, flags, kw):
+    from hetmerge import models
+    from hetmerge.checkpoint import load_state
+
+    out = tmp_path / "m.safetensors"
+    code, stdout, _ = _cli(capsys, "merge-tasks", mlp_ckpts / "base.safetensors",
+                           *[mlp_ckpts / f"e{t}.safetensors" for t in range(3)], "--method", method, *flags,
+                           "-o", out, "-q")
+    assert code == 0 and out.exists()
+
+    def load(name):
+        m = models.mlp(64, [48, 48], 10)
+        m.load_state_dict(load_state(mlp_ckpts / name))
+        return m
+    want = hm.merge_tasks(load("base.safetensors"), [load(f"e{t}.safetensors") for t in range(3)], method,
+                          **kw).state_dict()
+    got = load_state(out)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_cli_merge_tasks_errors(mlp_ckpts, tmp_path, capsys):
+    from hetmerge.cli import EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_USAGE
+
+    b, e0 = mlp_ckpts / "base.safetensors", mlp_ckpts / "e0.safetensors"
+    out = tmp_path / "m.safetensors"
+    code, _, err = _cli(capsys, "merge-tasks", b, e0, "--method", "tie", "--density", "0.5", "-o", out)
+    assert code == EXIT_USAGE and "did you mean 'ties'" in err
+    code, _, err = _cli(capsys, "merge-tasks", b, e0, "--method", "ties", "-o", out)
+    assert code == EXIT_USAGE and "density: method 'ties' needs density" in err
+    code, _, err = _cli(capsys, "merge-tasks", b, e0, "--method", "ties", "--density", "0.5", "--rank", "2", "-o", out)
+    assert code == EXIT_USAGE and "rank: not an option of method 'ties'" in err
+    code, _, err = _cli(capsys, "merge-tasks", b, e0, mlp_ckpts / "other.safetensors", "--method", "task_arithmetic",
+                        "-o", out)
+    assert code == EXIT_INCOMPATIBLE and "experts[1]" in err
+    code, _, err = _cli(capsys, "merge-tasks", b, tmp_path / "missing.safetensors", "--method", "tsv", "-o", out)
+    assert code == EXIT_FILE and "missing.safetensors" in err
+    code, _, err = _cli(capsys, "merge-tasks", b, e0, "--method", "tsv", "-o", e0)
+    assert code == EXIT_FILE and "overwrite an input" in err
+    assert not out.exists()

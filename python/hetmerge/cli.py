@@ -912,6 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", default="hetmerge-bench", metavar="DIR", help="(default: %(default)s)")
     _common(b)
     b.set_defaults(func=cmd_bench)
+    from .cli_tasks import add_parser as add_tasks_parser  # merge-tasks: hetmerge/cli_tasks.py
+    add_tasks_parser(sub)
     return p
 
 

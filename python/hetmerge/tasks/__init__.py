@@ -15,11 +15,13 @@ from .compress import CompressedTasks, compress_tasks
 from .plumbing import check_inputs, check_density, check_scale, check_seed, merge_states, new_module
 from .registry import TaskMethod, TensorContext, get_task_method, register_task_method, task_methods
 
-__all__ = ["merge_tasks", "merge_task_states", "compress_tasks", "CompressedTasks", "register_task_method",
+__all__ = ["merge_tasks", "merge_task_states", "resolve_method", "compress_tasks", "CompressedTasks", "register_task_method",
            "task_methods", "get_task_method", "TaskMethod", "TensorContext"]
 
 
-def _resolve(method: Any, scale, density, seed, method_options: dict):
+def resolve_method(method: Any, scale, density, seed, method_options: dict):
+    """(TaskMethod, scale, density, seed, options with defaults) after checking every argument; raises
+    before any tensor is touched (the CLI calls it before reading checkpoints)."""
     m = get_task_method(method)
     d = check_density(density, m.name, m.uses_density)
     stray = [k for k in method_options if k not in m.options]
@@ -36,7 +38,7 @@ def merge_task_states(base: Any, experts: Any, method: str, scale: float = 1.0, 
                       seed: int = 0, *, check_finite: bool = True, non_float: str = "error", progress=None,
                       **method_options) -> dict:
     """merge_tasks on state dicts: {name: merged tensor} (what the CLI writes to a checkpoint)."""
-    m, s, d, sd, opts = _resolve(method, scale, density, seed, method_options)
+    m, s, d, sd, opts = resolve_method(method, scale, density, seed, method_options)
     sb, states = check_inputs(base, experts, non_float)
     return merge_states(sb, states, m, s, d, sd, opts, check_finite, progress)
 
