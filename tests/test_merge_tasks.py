@@ -657,3 +657,15 @@ def test_cli_merge_tasks_errors(mlp_ckpts, tmp_path, capsys):
     code, _, err = _cli(capsys, "merge-tasks", b, e0, "--method", "tsv", "-o", e0)
     assert code == EXIT_FILE and "overwrite an input" in err
     assert not out.exists()
+
+
+def test_kth_largest_is_exact_on_large_tensors_incl_ties():
+    # the sampled bracket only saves time: the value equals torch.kthvalue's in every case
+    from hetmerge.tasks.sparsify import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    n = 3_000_000
+    for x in (torch.randn(n, generator=g).abs(), torch.randint(0, 5, (n,), generator=g).float(),
+              torch.zeros(n), torch.rand(n, generator=g) ** 8):
+        for k in (1, 7, n // 3, n - 1, n):
+            assert kth_largest(x, k) == torch.kthvalue(x, n - k + 1).values, k
