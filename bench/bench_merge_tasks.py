@@ -1,8 +1,9 @@
 """Multi-task merging: accuracy on digits tasks, and speed on Llama-shaped tensors.
 
-    python bench/bench_merge_tasks.py                     # both parts (about 2-3 min on 2 cores)
+    python bench/bench_merge_tasks.py                     # both parts, small speed table (about 2 min, 2 cores)
     python bench/bench_merge_tasks.py --only accuracy     # or: --only speed
-    python bench/bench_merge_tasks.py --shapes 4096x4096 4096x11008 --experts 3 --json out.json
+    python bench/bench_merge_tasks.py --only speed --shapes 4096x4096 4096x11008 --threads 1 2 \
+        --tsv-shapes 1024x1024 1024x2752 --json out.json # docs/merge_tasks.md's table (about 13 min)
 
 Accuracy: an MLP trunk pretrained on sklearn digits (hetmerge.data.digits), then one expert per
 fixed task (rotated, mirrored, inverted, pixel-permuted digits, parity labels), each fine-tuning
@@ -216,11 +217,11 @@ def run_speed(shapes, T: int, threads_list, repeat: int, tsv_shapes) -> list[dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["accuracy", "speed"], default=None)
-    p.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"])
-    p.add_argument("--tsv-shapes", nargs="+", default=["1024x1024", "1024x2752"],
+    p.add_argument("--shapes", nargs="+", default=["4096x4096"])
+    p.add_argument("--tsv-shapes", nargs="+", default=["512x512"],
                    help="TSV is SVD-bound (5 SVDs per matrix): smaller shapes keep the run short")
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--threads", type=int, nargs="+", default=[2])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", default=None, metavar="FILE")
     args = p.parse_args(argv)

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .plumbing import check_finite, check_inputs, new_module, work_dtype
+from .plumbing import check_finite as _check_finite
+from .plumbing import check_inputs, new_module, work_dtype
 from .tsv import as_matrix, top_svd, tsv_rank
 
 __all__ = ["CompressedTasks", "compress_tasks"]
@@ -70,13 +71,14 @@ class CompressedTasks:
         return new_module(self.base, self.expert_state(t))
 
 
-def compress_tasks(base: Any, experts: Any, k: int | None = None, *, check_finite_values: bool = True,
+def compress_tasks(base: Any, experts: Any, k: int | None = None, *, check_finite: bool = True,
                    non_float: str = "error") -> CompressedTasks:
     """Compress T experts of one base: each matrix task vector τ_t is kept as its top-k singular
     components (k per matrix clipped to min(m, n); default ⌊min(m, n)/T⌋, at least 1: the TSV paper's
     1/T share); other float tensors are kept dense. base and experts are left untouched.
 
     base: nn.Module (or state dict); experts: list of modules / state dicts of the base's architecture.
+    check_finite, non_float: as in merge_tasks.
     """
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k: expected a positive int (singular components kept per task and matrix) or None, "
@@ -92,8 +94,8 @@ def compress_tasks(base: Any, experts: Any, k: int | None = None, *, check_finit
             if not a.is_floating_point():
                 continue
             ex = [s[key] for s in states]
-            if check_finite_values:
-                check_finite(key, a, ex)
+            if check_finite:
+                _check_finite(key, a, ex)
             es = a.element_size()
             bytes_dense += T * a.numel() * es
             wd = work_dtype(a)

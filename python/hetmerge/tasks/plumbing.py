@@ -139,10 +139,14 @@ def merge_states(sb: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, t
     for k, a in sb.items():
         if not a.is_floating_point():
             out[k] = a.clone()
+            if progress is not None:
+                progress(k)
             continue
         tie = (a.device, a.untyped_storage().data_ptr(), a.storage_offset(), tuple(a.shape), a.stride(), a.dtype)
         if a.numel() and tie in done:
             out[k] = out[done[tie]]
+            if progress is not None:
+                progress(k)
             continue
         ex = [s[k] for s in states]
         if check_finite_values:
