@@ -217,7 +217,7 @@ def run_speed(shapes, T: int, threads_list, repeat: int, tsv_shapes) -> list[dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["accuracy", "speed"], default=None)
-    p.add_argument("--shapes", nargs="+", default=["4096x4096"])
+    p.add_argument("--shapes", nargs="*", default=["4096x4096"])
     p.add_argument("--tsv-shapes", nargs="+", default=["512x512"],
                    help="TSV is SVD-bound (5 SVDs per matrix): smaller shapes keep the run short")
     p.add_argument("--experts", type=int, default=3)
