@@ -21,7 +21,7 @@ LEVELS = {
     "evaluate": 9, "hf_merge": 9,
     "assemble": 10,
     "architectures": 11, "options": 11, "plan": 11, "zoo": 11, "demo": 12, "benchmarks": 12,
-    "cli": 13, "cli_tasks": 13,
+    "cli": 13,
 }
 
 

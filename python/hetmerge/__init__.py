@@ -43,4 +43,6 @@ from .assemble import AssemblyResult, AssemblyStep, assemble  # noqa: E402
 
 __all__ += ["PermSpec", "SpecError", "trace_spec", "register_handler", "Alignment", "AlignResult", "align", "merge", "SweepResult", "sweep",
             "AssemblyResult", "AssemblyStep", "assemble"]
+from .tasks import compress_tasks, merge_tasks  # noqa: E402  (multi-task merging)
+__all__ += ["merge_tasks", "compress_tasks"]
 # ---- end of the Python layer's block ------------------------------------------------------------

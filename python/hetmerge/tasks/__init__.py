@@ -1,0 +1,73 @@
+"""Multi-task merging: several experts fine-tuned from one pretrained base into one model.
+
+    hm.merge_tasks(base, experts, "ties", scale=1.0, density=0.2)   # new module, base's architecture
+    hm.compress_tasks(base, experts, k)                              # TSV-C: low-rank task vectors
+
+Methods are registered handlers (one file each): task_arithmetic, ties, dare, dare_ties, tsv. Add one
+with ``@register_task_method(name)``; see registry.py for the handler's contract.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import dare, task_arithmetic, ties, tsv  # noqa: F401  (each file registers its method)
+from .compress import CompressedTasks, compress_tasks
+from .plumbing import check_inputs, check_density, check_scale, check_seed, merge_states, new_module
+from .registry import TaskMethod, TensorContext, get_task_method, register_task_method, task_methods
+
+__all__ = ["merge_tasks", "merge_task_states", "resolve_method", "compress_tasks", "CompressedTasks", "register_task_method",
+           "task_methods", "get_task_method", "TaskMethod", "TensorContext"]
+
+
+def resolve_method(method: Any, scale, density, seed, method_options: dict):
+    """(TaskMethod, scale, density, seed, options with defaults) after checking every argument; raises
+    before any tensor is touched (the CLI calls it before reading checkpoints)."""
+    m = get_task_method(method)
+    d = check_density(density, m.name, m.uses_density)
+    stray = [k for k in method_options if k not in m.options]
+    if stray:
+        valid = sorted(m.options) or "none"
+        raise TypeError(f"{stray[0]}: not an option of method {m.name!r} (its options: {valid})")
+    opts = {**m.options, **method_options}
+    if m.check is not None:
+        m.check(opts)
+    return m, check_scale(scale), d, check_seed(seed), opts
+
+
+def merge_task_states(base: Any, experts: Any, method: str, scale: float = 1.0, density: float | None = None,
+                      seed: int = 0, *, check_finite: bool = True, non_float: str = "error", progress=None,
+                      **method_options) -> dict:
+    """merge_tasks on state dicts: {name: merged tensor} (what the CLI writes to a checkpoint)."""
+    m, s, d, sd, opts = resolve_method(method, scale, density, seed, method_options)
+    sb, states = check_inputs(base, experts, non_float)
+    return merge_states(sb, states, m, s, d, sd, opts, check_finite, progress)
+
+
+def merge_tasks(base, experts, method: str, scale: float = 1.0, density: float | None = None, seed: int = 0,
+                *, check_finite: bool = True, non_float: str = "error", **method_options):
+    """Merge experts fine-tuned from `base` into one model with the base's architecture.
+
+    For every float tensor, with task vectors τ_t = θ_t − θ_0:
+      task_arithmetic  θ_0 + scale · Σ_t τ_t
+      ties             θ_0 + scale · (mean of the entries that agree with the elected sign), after
+                       keeping each τ_t's max(1, int(density·n)) largest magnitudes (per tensor);
+                       option normalize=False sums them instead of averaging
+      dare             θ_0 + scale · Σ_t mask_t⊙τ_t / density, mask_t ~ Bernoulli(density), seeded
+                       per (seed, tensor, expert); option rescale="density" | "l1" | "none"
+      dare_ties        the DARE drop, then the TIES election (options rescale, normalize)
+      tsv              per matrix: each task's top ⌊min(m, n)/T⌋ singular components (option rank),
+                       stacked U, V orthogonalised by their polar factors, θ_0 + scale · U⊥ diag(σ) V⊥ᵀ;
+                       1-D tensors by task arithmetic
+    base: nn.Module; experts: list of nn.Modules or state dicts with the base's keys and shapes.
+    density: in (0, 1] for ties / dare / dare_ties, None for the others. Non-float tensors (step
+    counters) must equal the base's (non_float="base": keep the base's). NaN/inf in any input raise
+    unless check_finite=False. Returns a new module; base and experts are left untouched.
+    """
+    import torch.nn as nn
+
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"base: expected a torch.nn.Module (use merge_task_states for state dicts), "
+                        f"got {type(base).__name__}")
+    state = merge_task_states(base, experts, method, scale, density, seed, check_finite=check_finite,
+                              non_float=non_float, **method_options)
+    return new_module(base, state)
