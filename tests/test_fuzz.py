@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hetmerge import ops
+from subprocess_env import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ def load_fuzzer():
 
 def test_fuzz_slice_has_no_crash_and_no_wrong_result():
     fuzz = load_fuzzer()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     res = fuzz.fuzz(calls=3000, seed=2024, jobs=2, batch=500, env=env)
     report = fuzz.summary(res)
     assert res["calls"] == 3000, report  # every batch answered

@@ -14,6 +14,8 @@ import sys
 
 import scipy.optimize.tests.test_linear_assignment as scipy_tests
 
+from subprocess_env import subprocess_env
+
 # scipy tests ours is known to fail, with the reason; each must still fail (so that fixing it
 # shows here) and every other test must pass. None today: test_constant_cost_matrix (scipy's #11602,
 # ties on a constant matrix must give the identity) passes since column reduction prefers the diagonal.
@@ -25,8 +27,7 @@ ROOT = os.path.dirname(TESTS_DIR)
 
 def test_scipy_linear_sum_assignment_suite_passes_on_ours(tmp_path):
     report = tmp_path / "report.json"
-    env = dict(os.environ, HETMERGE_LSA_REPORT=str(report),
-               PYTHONPATH=os.pathsep.join([TESTS_DIR, os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env(TESTS_DIR, HETMERGE_LSA_REPORT=str(report))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", scipy_tests.__file__, "-p", "scipy_lsa_plugin", "-p", "no:cacheprovider",
          "-q", "--rootdir", str(tmp_path), "-W", "ignore::DeprecationWarning"],

@@ -20,6 +20,8 @@ import time
 import numpy as np
 import pytest
 
+from subprocess_env import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECONDS = 2.0  # wall time each scenario's workload runs for
 FORKS = 10  # at least this many forks, however slow the machine
@@ -183,7 +185,7 @@ def scenario_fork_while_pool_busy() -> None:
 
 
 def run_scenario(name: str, timeout: float = 300.0) -> str:
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env()
     # The numpy references must not use OpenBLAS's own thread pool: its fork handler tears that
     # pool down under a matmul running in another thread, which then spins forever (not ours).
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
