@@ -7,10 +7,13 @@ from typing import Any
 from .models import layer_lams, load_model, plan_from_args, prepare
 from .outputs import check_output, plan_inputs
 from ..merging import memory_estimate
+from .hf_dirs import cmd_inspect_hf, is_hf_dir
 from .ui import EXIT_OK, UI, human
 
 
 def cmd_inspect(args, ui: UI) -> int:
+    if is_hf_dir(args.base) and is_hf_dir(args.target):   # Hugging Face model directories
+        return cmd_inspect_hf(args, ui)
     from .. import report as R
     from ..checkpoint import detect_format
 

@@ -9,10 +9,13 @@ from ..data import load_eval_data
 from .alignments import alignment_for
 from .models import layer_lams, load_model, plan_from_args, prepare
 from .outputs import check_output, plan_inputs
+from .hf_dirs import cmd_merge_hf, is_hf_dir
 from .ui import EXIT_OK, UI, human
 
 
 def cmd_merge(args, ui: UI) -> int:
+    if is_hf_dir(args.base) and is_hf_dir(args.target):   # Hugging Face model directories
+        return cmd_merge_hf(args, ui)
     from ..checkpoint import LazyState, detect_format, save_state
     from ..merging import merge_items, stream_merge
 

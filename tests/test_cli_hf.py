@@ -1,0 +1,45 @@
+"""`hetmerge inspect` and `hetmerge merge` on Hugging Face model directories."""
+import pytest
+import torch
+
+from hetmerge.cli import EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, main
+from hf_models import build, outputs
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for name, family, seed in (("a", "llama", 0), ("b", "llama", 1), ("g", "gpt2", 0)):
+        model, _ = build(family, seed)
+        model.save_pretrained(root / name)
+    return root
+
+
+def test_inspect_directories_prints_the_transformer_groups(dirs, capsys):
+    assert main(["inspect", str(dirs / "a"), str(dirs / "b")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "Hugging Face, llama" in out and "residual" in out and "model.layers.1.mlp" in out
+    assert "attention internals" in out
+
+
+def test_merge_directories_is_the_linear_merge_and_loads(dirs, capsys):
+    out = dirs / "m"
+    assert main(["merge", str(dirs / "a"), str(dirs / "b"), "--lam", "0.3", "-o", str(out)]) == EXIT_OK
+    a, inputs = build("llama", 0)
+    b, _ = build("llama", 1)
+    merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, 0.7 * sa[k] + 0.3 * sb[k], rtol=1e-6, atol=1e-6)
+    assert outputs(merged, inputs).isfinite().all()
+
+
+def test_merge_directories_refuses_inputs_families_and_alignment(dirs, capsys):
+    a, b, g = (str(dirs / n) for n in "abg")
+    assert main(["merge", a, b, "--lam", "0.3", "-o", a]) == EXIT_FILE
+    assert "overwrite an input" in capsys.readouterr().err
+    assert main(["merge", a, g, "--lam", "0.3", "-o", str(dirs / "x")]) == EXIT_INCOMPATIBLE
+    assert "model_type 'gpt2' differs" in capsys.readouterr().err
+    assert not (dirs / "x").exists()
