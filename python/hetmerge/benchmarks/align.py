@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from .common import threads
 
-# The reference mirrors tests/helpers_models.py (kept here so that an installed wheel can run it).
+# The reference: plain torch + scipy, written from the definition (tests/test_align.py checks hm.align
+# against it, and the benchmark times both).
 
 
 def _pad_rows(W: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
