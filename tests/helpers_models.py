@@ -1,6 +1,6 @@
 """Shared fixtures for the Python-layer tests: small models trained on offline digits (cached per
-session) and a plain torch+scipy reference of weight matching for MLPs, written independently of
-the library (bench/bench_align.py uses it too)."""
+session), and the plain torch+scipy reference of weight matching for MLPs (it shares no code with
+hm.align; it ships in hetmerge.benchmarks.align so that the benchmarks run from a wheel)."""
 from __future__ import annotations
 
 import contextlib
