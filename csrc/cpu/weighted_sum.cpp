@@ -3,13 +3,16 @@
 // (L1 for the k > 0 rows) and the step of all K outputs is written.
 //
 // Why this shape (measured against one torch.mm of the stacked inputs, bench/bench_primitives.py):
-// the operation is memory-bound, T·N read and K·N written, so the loop must not add traffic or
-// per-element work. Staging every input through a buffer in the accumulator type, then summing
-// each output row over that buffer tensor by tensor, ran at a third of the copy bandwidth: the
-// staging copy (strided, scalar), K·(T + 2) passes over L1 buffers per block and plain stores
-// that read every output line before writing it. Here contiguous inputs are read in place, the
-// sums live in registers, and large float outputs go out with non-temporal stores.
+// the operation is memory-bound, T·N read and K·N written, so the loop must not add per-element
+// work or traffic. The previous loop staged each input block in the accumulator type, then built
+// every output row in an L1 buffer tensor by tensor: K·(T + 2) load/store passes per element (perf:
+// the buffer `+=` pass and the output stores were the hot spots), compute-bound at a third of the
+// copy bandwidth. Here contiguous inputs are read in place, the K sums of a step live in
+// registers, 16-bit inputs are widened once per step, and outputs of 4 MiB or more go out with
+// non-temporal stores. With AVX2 (run-time check) the same loop runs on 32-byte vectors, which
+// bfloat16 (widen, round, narrow) needs to keep up with memory.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -39,113 +42,126 @@ constexpr int64_t kTile = 1024;
 // still be cache resident for the caller, where plain stores are cheaper.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
-// 16-byte vectors (SSE2 on x86-64, NEON on aarch64) via the GCC/Clang vector extension; the same
-// IEEE multiplies and adds as the scalar weighted_sum_value, in the same order (no contraction:
-// -ffp-contract=off on this file).
-template <typename Acc>
-struct Simd {
-  typedef Acc vec __attribute__((vector_size(16)));
-  static constexpr int lanes = 16 / sizeof(Acc);
-};
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-typedef uint16_t u16x4 __attribute__((vector_size(8)));
+// Vectors of W bytes via the GCC/Clang vector extension: 16 (SSE2 on x86-64, NEON on aarch64) or
+// 32 (AVX2, chosen at run time). The same IEEE multiplies and adds as the scalar
+// weighted_sum_value, in the same order (no contraction: -ffp-contract=off on this file, and the
+// AVX2 target does not enable FMA). Helpers are always inlined so that they compile for the
+// target of the loop that calls them.
+#define HM_WS_INLINE inline __attribute__((always_inline))
+// 32-byte vectors only ever live inside AVX2 functions (GCC reports it at the end of the file).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
-template <typename T>
+template <typename E, int W>
+struct VecOf;  // GCC needs the vector_size attribute on a non-dependent type: one specialization each
+#define HM_WS_VEC(E, W)                                  \
+  template <>                                            \
+  struct VecOf<E, W> {                                   \
+    typedef E type __attribute__((vector_size(W)));      \
+  };
+HM_WS_VEC(float, 16)
+HM_WS_VEC(float, 32)
+HM_WS_VEC(double, 16)
+HM_WS_VEC(double, 32)
+HM_WS_VEC(uint32_t, 16)
+HM_WS_VEC(uint32_t, 32)
+HM_WS_VEC(int32_t, 16)
+HM_WS_VEC(int32_t, 32)
+HM_WS_VEC(uint16_t, 8)
+HM_WS_VEC(uint16_t, 16)
+#undef HM_WS_VEC
+template <typename E, int W>
+using vec_t = typename VecOf<E, W>::type;
+
+template <typename T, int W>
 struct Lanes {
   using Acc = acc_t<T>;
-  using V = typename Simd<Acc>::vec;
-  static constexpr int lanes = Simd<Acc>::lanes;
+  using V = vec_t<Acc, W>;
+  using U32 = vec_t<uint32_t, W>;
+  using I32 = vec_t<int32_t, W>;
+  using U16 = vec_t<uint16_t, W / 2>;  // W/4 16-bit values: one float vector's worth
+  static constexpr int lanes = W / static_cast<int>(sizeof(Acc));
   static constexpr int per_step = static_cast<int>(step_elems<T>()) / lanes;
 };
 
 // Loads `lanes` consecutive elements as accumulator values.
-template <typename T>
-inline typename Lanes<T>::V load_lanes(const T* p) {
-  typename Lanes<T>::V v;
+template <typename T, int W>
+HM_WS_INLINE typename Lanes<T, W>::V load_lanes(const T* p) {
+  using L = Lanes<T, W>;
+  typename L::V v;
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     memcpy(&v, p, sizeof v);
   } else if constexpr (std::is_same_v<T, bfloat16_t>) {
-    u16x4 h;
+    typename L::U16 h;
     memcpy(&h, p, sizeof h);
-    const u32x4 bits = __builtin_convertvector(h, u32x4) << 16;  // bf16_to_float, four at a time
+    const typename L::U32 bits = __builtin_convertvector(h, typename L::U32) << 16;  // bf16_to_float
     memcpy(&v, &bits, sizeof v);
   } else {
-    float f[4];
-    for (int i = 0; i < 4; ++i) f[i] = load_as_acc(p + i);
+    float f[L::lanes];
+    for (int i = 0; i < L::lanes; ++i) f[i] = load_as_acc(p + i);
     memcpy(&v, f, sizeof v);
   }
   return v;
 }
 
-// float_to_bf16 on four values: round to nearest even, NaN kept quiet (same bits as the scalar).
-inline u16x4 to_bf16_lanes(Simd<float>::vec v) {
-  u32x4 u;
+// float_to_bf16 on every lane: round to nearest even, NaN kept quiet, as 32-bit lanes holding the
+// 16-bit result sign-extended (so that a signed-saturating pack narrows without changing a bit).
+template <int W>
+HM_WS_INLINE vec_t<int32_t, W> bf16_bits(vec_t<float, W> v) {
+  using U32 = vec_t<uint32_t, W>;
+  using I32 = vec_t<int32_t, W>;
+  U32 u;
   memcpy(&u, &v, sizeof u);
-  const u32x4 is_nan = (u32x4)((i32x4)(u & 0x7fffffffu) > 0x7f800000);  // all ones where NaN
-  const u32x4 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const u32x4 quiet = (u >> 16) | 0x40u;
-  return __builtin_convertvector((rounded & ~is_nan) | (quiet & is_nan), u16x4);
+  const I32 is_nan = (I32)(u & 0x7fffffffu) > 0x7f800000;  // all ones where NaN
+  const I32 rounded = (I32)(u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const I32 quiet = (I32)u >> 16 | 0x40;
+  return (rounded & ~is_nan) | (quiet & is_nan);
 }
 
-// Eight float_to_bf16 results (two vectors) as 16 bytes. Arithmetic shifts keep every 16-bit
-// result sign-extended, so SSE2's signed-saturating pack narrows without changing a bit.
-inline void to_bf16_pair(Simd<float>::vec a, Simd<float>::vec b, void* dst16) {
+// 2·(W/4) bf16 results of two float vectors, in order, to dst (2·W/2 bytes).
+template <int W>
+HM_WS_INLINE void to_bf16_pair(vec_t<float, W> a, vec_t<float, W> b, unsigned char* dst) {
+  const vec_t<int32_t, W> ra = bf16_bits<W>(a), rb = bf16_bits<W>(b);
 #if defined(__SSE2__)
-  auto sext = [](Simd<float>::vec v) {
-    u32x4 u;
-    memcpy(&u, &v, sizeof u);
-    const i32x4 is_nan = (i32x4)(u & 0x7fffffffu) > 0x7f800000;  // all ones where NaN
-    const i32x4 rounded = (i32x4)(u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const i32x4 quiet = (i32x4)u >> 16 | 0x40;
-    __m128i r;
-    const i32x4 v16 = (rounded & ~is_nan) | (quiet & is_nan);
-    memcpy(&r, &v16, sizeof r);
-    return r;
-  };
-  const __m128i packed = _mm_packs_epi32(sext(a), sext(b));
-  memcpy(dst16, &packed, 16);
-#else
-  const u16x4 h[2] = {to_bf16_lanes(a), to_bf16_lanes(b)};
-  memcpy(dst16, h, 16);
+  if constexpr (W == 16) {
+    __m128i x, y;
+    memcpy(&x, &ra, 16);
+    memcpy(&y, &rb, 16);
+    const __m128i packed = _mm_packs_epi32(x, y);
+    memcpy(dst, &packed, 16);
+    return;
+  }
 #endif
+  const vec_t<uint16_t, W / 2> ha = __builtin_convertvector(ra, vec_t<uint16_t, W / 2>);
+  const vec_t<uint16_t, W / 2> hb = __builtin_convertvector(rb, vec_t<uint16_t, W / 2>);
+  memcpy(dst, &ha, W / 2);
+  memcpy(dst + W / 2, &hb, W / 2);
 }
 
 // Stores one 64-byte step of an output plane from U accumulator vectors; `stream` (16-byte aligned
 // p): bypass the cache where the ISA can.
-template <typename T>
-inline void store_step(T* p, const typename Lanes<T>::V* v, bool stream) {
-  constexpr int U = Lanes<T>::per_step;
-  constexpr int lanes = Lanes<T>::lanes;
+template <typename T, int W>
+HM_WS_INLINE void store_step(T* p, const typename Lanes<T, W>::V* v, bool stream) {
+  using L = Lanes<T, W>;
+  constexpr int U = L::per_step;
+  alignas(64) unsigned char bytes[64];
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-#if defined(__SSE2__)
-    if (stream) {
-      for (int u = 0; u < U; ++u) {
-        if constexpr (std::is_same_v<T, float>)
-          _mm_stream_ps(p + lanes * u, reinterpret_cast<const __m128&>(v[u]));
-        else
-          _mm_stream_pd(p + lanes * u, reinterpret_cast<const __m128d&>(v[u]));
-      }
-      return;
-    }
-#endif
-    memcpy(p, v, 64);
+    memcpy(bytes, v, 64);
   } else if constexpr (std::is_same_v<T, bfloat16_t>) {
-    alignas(16) unsigned char bytes[64];
-    for (int u = 0; u < U; u += 2) to_bf16_pair(v[u], v[u + 1], bytes + 8 * u);
-#if defined(__SSE2__)
-    if (stream) {
-      for (int i = 0; i < 4; ++i)
-        _mm_stream_si128(reinterpret_cast<__m128i*>(p) + i, _mm_load_si128(reinterpret_cast<const __m128i*>(bytes) + i));
-      return;
-    }
-#endif
-    memcpy(p, bytes, 64);
+    for (int u = 0; u < U; u += 2) to_bf16_pair<W>(v[u], v[u + 1], bytes + W * u / 2);
   } else {
-    float f[U * lanes];
+    float f[U * L::lanes];
     memcpy(f, v, sizeof f);
-    for (int i = 0; i < U * lanes; ++i) store_from_acc(p + i, f[i]);
+    for (int i = 0; i < U * L::lanes; ++i) store_from_acc(p + i, f[i]);
+    return;
   }
+#if defined(__SSE2__)
+  if (stream) {
+    for (int i = 0; i < 4; ++i)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p) + i, _mm_load_si128(reinterpret_cast<const __m128i*>(bytes) + i));
+    return;
+  }
+#endif
+  memcpy(p, bytes, 64);
 }
 
 inline void stream_fence() {
@@ -162,12 +178,13 @@ struct Plan {
   int64_t n_tensors, K, plane;  // plane: numel, the distance between output planes
   const void* coeffs;            // [K, n_tensors] in acc_t<T>
   bool stream;                   // non-temporal stores where the step is 16-byte aligned
+  bool avx2;                     // run the 32-byte vector loop
 };
 
 // out[k][e] = weighted_sum_value(x[.][e], coeffs[k]) for e < len, x: n_tensors contiguous runs.
-template <typename T>
-void combine_run(const Plan& plan, const T* const* x, T* out, int64_t len) {
-  using L = Lanes<T>;
+template <typename T, int W>
+HM_WS_INLINE void combine_run_w(const Plan& plan, const T* const* x, T* out, int64_t len) {
+  using L = Lanes<T, W>;
   using Acc = typename L::Acc;
   using V = typename L::V;
   constexpr int64_t S = step_elems<T>();
@@ -183,7 +200,7 @@ void combine_run(const Plan& plan, const T* const* x, T* out, int64_t len) {
   };
   // 16-bit inputs are widened once per step, not once per output row.
   constexpr bool kWiden = !std::is_same_v<T, Acc>;
-  alignas(16) Acc wide[kWiden ? kMaxTensorsPerRun * S : 1];
+  alignas(32) Acc wide[kWiden ? kMaxTensorsPerRun * S : 1];
   int64_t e = 0;
   // Streaming needs 16-byte aligned steps: peel to the first one (all planes share the alignment:
   // plan.stream is only set when plane * sizeof(T) is a multiple of 16).
@@ -193,7 +210,7 @@ void combine_run(const Plan& plan, const T* const* x, T* out, int64_t len) {
     if constexpr (kWiden)
       for (int64_t t = 0; t < n_tensors; ++t)
         for (int u = 0; u < U; ++u) {
-          const V w = load_lanes(x[t] + e + L::lanes * u);
+          const V w = load_lanes<T, W>(x[t] + e + L::lanes * u);
           memcpy(wide + t * S + L::lanes * u, &w, sizeof w);
         }
     for (int64_t k = 0; k < K; ++k) {
@@ -207,14 +224,38 @@ void combine_run(const Plan& plan, const T* const* x, T* out, int64_t len) {
           if constexpr (kWiden)
             memcpy(&xv, wide + t * S + L::lanes * u, sizeof xv);
           else
-            xv = load_lanes(x[t] + e + L::lanes * u);
+            xv = load_lanes<T, W>(x[t] + e + L::lanes * u);
           sum[u] += c * xv;
         }
       }
-      store_step(out + k * plane + e, sum, plan.stream);
+      store_step<T, W>(out + k * plane + e, sum, plan.stream);
     }
   }
   for (; e < len; ++e) scalar(e);
+}
+
+#if HETMERGE_X86_SIMD && defined(__x86_64__)
+// The same loop on 32-byte vectors: half the instructions per element, which the 16-bit formats
+// (widen, round, narrow) and many inputs need to keep up with memory.
+template <typename T>
+__attribute__((target("avx2"))) void combine_run_avx2(const Plan& plan, const T* const* x, T* out, int64_t len) {
+  combine_run_w<T, 32>(plan, x, out, len);
+}
+
+// HETMERGE_NO_AVX2=1 forces the portable loop (read per call, so tests can cover both paths).
+bool use_avx2() {
+  static const bool cpu_ok = __builtin_cpu_supports("avx2");
+  const char* off = std::getenv("HETMERGE_NO_AVX2");
+  return cpu_ok && !(off && off[0] && off[0] != '0');
+}
+#endif
+
+template <typename T>
+void combine_run(const Plan& plan, const T* const* x, T* out, int64_t len) {
+#if HETMERGE_X86_SIMD && defined(__x86_64__)
+  if (plan.avx2) return combine_run_avx2<T>(plan, x, out, len);
+#endif
+  combine_run_w<T, 16>(plan, x, out, len);
 }
 
 template <typename T>
@@ -230,12 +271,17 @@ void weighted_sum_loop(const std::vector<TensorView>& tensors, const std::vector
   const bool stream = K * numel * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
                       (numel * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   constexpr int64_t S = step_elems<T>();
+#if HETMERGE_X86_SIMD && defined(__x86_64__)
+  const bool avx2 = use_avx2();
+#else
+  const bool avx2 = false;
+#endif
 
   bool flat = true;
   for (const TensorView& x : tensors) flat = flat && x.is_contiguous();
   if (flat && n_tensors <= kMaxTensorsPerRun) {
     // Every input contiguous: one run of numel elements, split over threads in whole steps.
-    const Plan plan{n_tensors, K, numel, c.data(), stream};
+    const Plan plan{n_tensors, K, numel, c.data(), stream, avx2};
     std::vector<const T*> base(static_cast<size_t>(n_tensors));
     for (int64_t t = 0; t < n_tensors; ++t) base[t] = tensors[t].ptr<const T>();
     const int64_t steps = (numel + S - 1) / S;
@@ -284,7 +330,7 @@ void weighted_sum_loop(const std::vector<TensorView>& tensors, const std::vector
           x[t] = g;
         }
         if (t0 == 0 && nt == n_tensors) {
-          const Plan plan{nt, K, numel, c.data(), row_stream};
+          const Plan plan{nt, K, numel, c.data(), row_stream, avx2};
           combine_run<T>(plan, x.data(), dst, len);
           continue;
         }
