@@ -43,3 +43,32 @@ def test_merge_directories_refuses_inputs_families_and_alignment(dirs, capsys):
     assert main(["merge", a, g, "--lam", "0.3", "-o", str(dirs / "x")]) == EXIT_INCOMPATIBLE
     assert "model_type 'gpt2' differs" in capsys.readouterr().err
     assert not (dirs / "x").exists()
+
+
+def test_align_then_merge_directories_recovers_a_planted_permutation(dirs, tmp_path, capsys):
+    import copy
+
+    from hetmerge.maps import permute_state
+    from hetmerge.transformer_spec import AlignView, transformer_spec
+
+    model, inputs = build("llama", 0)
+    view = AlignView(model)
+    spec = transformer_spec(view)
+    g = torch.Generator().manual_seed(5)
+    perms = {name: torch.randperm(n, generator=g) for name, n in spec.sizes.items()}
+    shuffled = AlignView(copy.deepcopy(model))
+    shuffled.load_state_dict(permute_state(spec, view.state_dict(), perms))
+    torch.testing.assert_close(outputs(shuffled.model, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
+    shuffled.model.save_pretrained(tmp_path / "p")
+
+    al, out = tmp_path / "al.json", tmp_path / "m"
+    assert main(["align", str(dirs / "a"), str(tmp_path / "p"), "-o", str(al)]) == EXIT_OK
+    assert main(["merge", str(dirs / "a"), str(tmp_path / "p"), "--alignment", str(al), "--lam", "1",
+                 "-o", str(out)]) == EXIT_OK
+    merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    # the aligned, un-shuffled copy at λ = 1 is the original model, tensor for tensor
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=1e-6)
+    # an alignment computed for other directories does not fit these
+    assert main(["merge", str(dirs / "a"), str(dirs / "g"), "--alignment", str(al), "--lam", "0.5",
+                 "-o", str(tmp_path / "x")]) == EXIT_INCOMPATIBLE

@@ -7,10 +7,13 @@ from ..data import load_eval_data
 from .alignments import align, save_alignment
 from .models import load_model, pick_device, plan_from_args, prepare
 from .outputs import check_output, plan_inputs
+from .hf_dirs import cmd_align_hf, is_hf_dir
 from .ui import EXIT_OK, UI
 
 
 def cmd_align(args, ui: UI) -> int:
+    if is_hf_dir(args.base) and is_hf_dir(args.target):   # Hugging Face model directories
+        return cmd_align_hf(args, ui)
     plan = plan_from_args(args)
     out = Path(args.output)
     check_output(out, plan_inputs(plan), "alignment output")

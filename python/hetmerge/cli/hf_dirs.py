@@ -1,11 +1,14 @@
-"""`hetmerge inspect` and `hetmerge merge` on Hugging Face model directories (config.json +
-safetensors shards): groups and links from the config's architecture family, and a streamed,
-sharded, atomic directory-to-directory merge. Aligning directories is not wired in yet (docs/
-transformers.md): merge pairs same-named layers with maps by position (a plain linear merge)."""
+"""`hetmerge inspect`, `align` and `merge` on Hugging Face model directories (config.json +
+safetensors shards): groups and links from the config's architecture family (residual stream and
+MLP units; attention internals stay fixed, docs/transformers.md), weight matching straight from the
+memory-mapped shards, and a streamed, sharded, atomic directory-to-directory merge. Without an
+alignment, merge pairs same-named layers with maps by position (a plain linear merge)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch.nn as nn
 
 from .outputs import check_output
 from .ui import EXIT_OK, UI, IncompatibleError, human
@@ -61,6 +64,76 @@ def cmd_inspect_hf(args, ui: UI) -> int:
     return EXIT_OK
 
 
+class _Weights(nn.Module):
+    """hm.align takes modules but reads only their state dicts: here a directory's canonical tensors,
+    memory-mapped from its shards."""
+
+    def __init__(self, state):
+        super().__init__()
+        self._weights = state
+
+    def state_dict(self, *args, keep_vars: bool = False, **kwargs):
+        return {k: self._weights[k] for k in self._weights}
+
+
+def _fingerprint(folder: Path) -> dict:
+    from ..checkpoint import FINGERPRINT_KIND, scan_state
+    from ..hf import HFState
+
+    state = HFState(folder)
+    return {"file": str(folder), "bytes": state.nbytes, "kind": FINGERPRINT_KIND, "digest": scan_state(state).digest}
+
+
+def cmd_align_hf(args, ui: UI) -> int:
+    """Weight matching of the target directory to the base directory, written as an alignment file."""
+    from ..alignment import Alignment, align
+    from ..options import options_from_args, options_from_mapping
+    from ..transformer_spec import layer_map_by_name
+
+    base_dir, target_dir, out = Path(args.base), Path(args.target), Path(args.output)
+    check_output(out, [("base", base_dir), ("target", target_dir)], "alignment output")
+    o = options_from_mapping(options_from_args(args), "flags")
+    if o.method != "weight":
+        raise IncompatibleError("method: Hugging Face directories are aligned by weight matching only (no data "
+                                "is run through them here)")
+    pairing, (base, sa), (target, sb) = hf_pair(base_dir, target_dir)
+
+    from ..transformer_spec import canonical_state
+    cb, ct = canonical_state(base.config, base), canonical_state(target.config, target)
+    t0 = time.perf_counter()
+    res = align(_Weights(cb), _Weights(ct), method="weight", layer_map=layer_map_by_name(sa, sb),
+                restarts=o.restarts, max_iter=o.max_iter, tol=o.tol, seed=o.seed, objective=o.objective,
+                base_spec=sa, target_spec=sb)
+    wall = time.perf_counter() - t0
+    info = {"created_by": "hetmerge align", "method": res.method, "objective": res.objective,
+            "trace": list(res.trace), "iterations": res.iterations, "converged": res.converged,
+            "restart_objectives": list(res.restart_objectives), "timings": {**res.timings, "wall": wall},
+            "hf": {"base": str(base_dir), "target": str(target_dir)}}
+    Alignment(res.pairing, res.maps, {"base": _fingerprint(base_dir), "target": _fingerprint(target_dir)},
+              info).save(out)
+    tr = res.trace
+    ui.out(f"aligned {target_dir} to {base_dir}: {len(res.maps)} index maps (residual stream and MLP units), "
+           f"normalized objective {tr[0]:.4f} (by position) -> {tr[-1]:.4f} after {res.iterations} sweeps, "
+           f"{wall:.2f} s")
+    ui.out(f"wrote {out}")
+    return EXIT_OK
+
+
+def _read_alignment_hf(path: Path, base_dir: Path, target_dir: Path, ui: UI):
+    from ..alignment import Alignment, AlignmentError
+
+    pairing = hf_pair(base_dir, target_dir)[0]
+    try:
+        alignment = Alignment.load(path, pairing=pairing)
+    except AlignmentError as exc:
+        raise IncompatibleError(str(exc).replace("align again", "rerun hetmerge align")) from None
+    changed, unchecked = alignment.check_fingerprints({"base": _fingerprint(base_dir),
+                                                       "target": _fingerprint(target_dir)})
+    for side in changed + unchecked:
+        ui.warn(f"alignment {path}: cannot vouch that the {side} weights are the ones it was computed on")
+    return alignment
+
+
 def cmd_merge_hf(args, ui: UI) -> int:
     from ..hf_merge import merge_hf
     from ..options import options_from_args, options_from_mapping
@@ -70,10 +143,6 @@ def cmd_merge_hf(args, ui: UI) -> int:
 
     base_dir, target_dir, out = Path(args.base), Path(args.target), Path(args.output)
     check_output(out, [("base", base_dir), ("target", target_dir)], "output folder", folder=True)
-    if getattr(args, "alignment", None):
-        raise IncompatibleError("--alignment: aligning Hugging Face directories is not supported yet; merge them "
-                                "without it (same-named layers, maps by position) or align in Python "
-                                "(docs/transformers.md)")
     if isinstance(lam, dict):
         raise IncompatibleError("lam: per-layer λ is not supported for Hugging Face directories yet; give one λ")
     from ..hf import read_config
@@ -82,8 +151,9 @@ def cmd_merge_hf(args, ui: UI) -> int:
     if mb != mt:
         raise IncompatibleError(f"{target_dir}: model_type {mt!r} differs from the base's {mb!r}; fusing "
                                 "different families is not a merge")
+    alignment = _read_alignment_hf(Path(args.alignment), base_dir, target_dir, ui) if args.alignment else None
     t0 = time.perf_counter()
-    merge_hf(base_dir, target_dir, out, lam=float(lam), fill=o.fill)
+    merge_hf(base_dir, target_dir, out, lam=float(lam), res=alignment, fill=o.fill)
     ui.out(f"merged {target_dir} into {base_dir} at λ = {lam} ({time.perf_counter() - t0:.2f} s): a Hugging Face "
            "directory with the base's config and tokenizer files")
     ui.out(f"wrote {out}/")
