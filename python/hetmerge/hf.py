@@ -17,14 +17,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
 
-from .checkpoint import CheckpointError, LazyState, StreamWriter, TensorInfo
+from .checkpoint import CheckpointError, LazyState, StreamWriter, TensorInfo, atomic_dir
 
 __all__ = ["HFError", "HFState", "read_config", "save_hf", "parse_size", "AUX_FILES",
            "WEIGHTS_NAME", "INDEX_NAME"]
@@ -229,11 +228,8 @@ def save_hf(folder: str | os.PathLike, state: Mapping[str, torch.Tensor],
     names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)   # mkdtemp makes 0700; the result is an ordinary folder
+    # a temporary folder beside `out`, swapped in whole once complete (checkpoint.atomic_dir)
+    with atomic_dir(out, replace_any=True) as tmp:
         weight_map, total = {}, 0
         for name, shard in zip(names, shards):
             # "format": "pt" is what transformers expects in a safetensors header
@@ -266,14 +262,4 @@ def save_hf(folder: str | os.PathLike, state: Mapping[str, torch.Tensor],
         for f in tmp.iterdir():      # durable before the rename makes the folder visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

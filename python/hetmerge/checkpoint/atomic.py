@@ -48,8 +48,9 @@ def current_umask() -> int:
     return mask
 
 
-def check_replaceable_dir(path: str | os.PathLike, owned_names=frozenset()) -> Path:
-    """Raise CheckpointError unless atomic_dir(path, owned_names) may replace `path`; returns its parent."""
+def check_replaceable_dir(path: str | os.PathLike, owned_names=frozenset(), replace_any: bool = False) -> Path:
+    """Raise CheckpointError unless atomic_dir(path, owned_names) may replace `path`; returns its parent.
+    replace_any: the caller was told to overwrite (e.g. save_hf(overwrite=True)): any folder may go."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
@@ -57,7 +58,8 @@ def check_replaceable_dir(path: str | os.PathLike, owned_names=frozenset()) -> P
     if p.exists() or p.is_symlink():
         if not p.is_dir() or p.is_symlink():
             raise CheckpointError(f"{p}: exists and is not a folder; choose another output folder")
-        foreign = sorted(c.name for c in p.iterdir() if c.name not in owned_names or not c.is_file())
+        foreign = [] if replace_any else sorted(c.name for c in p.iterdir()
+                                                 if c.name not in owned_names or not c.is_file())
         if foreign:
             raise CheckpointError(f"{p}: exists and holds files this command did not write "
                                   f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); the whole "
@@ -66,17 +68,18 @@ def check_replaceable_dir(path: str | os.PathLike, owned_names=frozenset()) -> P
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, owned_names: set[str] | frozenset = frozenset()):
+def atomic_dir(path: str | os.PathLike, owned_names: set[str] | frozenset = frozenset(), replace_any: bool = False):
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole.
 
     An interrupted run leaves either the previous folder or the complete new one, never a mix. An
     existing `path` is replaced only at the very end, and only when it holds nothing but files named
-    in `owned_names` (a previous run's outputs): a folder with anything else is refused, not deleted.
+    in `owned_names` (a previous run's outputs): a folder with anything else is refused, not deleted
+    (unless `replace_any`).
     """
     import shutil
 
     p = Path(path)
-    folder = check_replaceable_dir(p, owned_names)
+    folder = check_replaceable_dir(p, owned_names, replace_any)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp makes 0700
