@@ -45,6 +45,8 @@ def main() -> int:
         return 0
 
     dev = torch.device(args.device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(dev)
     torch.backends.cuda.matmul.allow_tf32 = False
     props = torch.cuda.get_device_properties(dev)

@@ -1,6 +1,5 @@
 #include "common/tensor_view.h"
 
-#include <sstream>
 #include <vector>
 
 namespace hm {
@@ -37,11 +36,10 @@ bool TensorView::is_contiguous() const {
 }
 
 std::string TensorView::shape_str() const {
-  std::ostringstream os;
-  os << "(";
-  for (int d = 0; d < ndim; ++d) os << (d ? ", " : "") << shape[d];
-  os << (ndim == 1 ? ",)" : ")");
-  return os.str();
+  std::string s = "(";
+  for (int d = 0; d < ndim; ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
+  s += ndim == 1 ? ",)" : ")";
+  return s;
 }
 
 void require_ndim(const TensorView& t, const char* fn, const char* arg, int ndim) {
