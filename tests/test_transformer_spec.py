@@ -52,10 +52,18 @@ def test_planted_permutation_is_invariant_and_recovered(family):
     view = AlignView(model)
     spec = transformer_spec(view)
     assert spec.sizes[RESIDUAL] == model.config.hidden_size
-    mlp = [g for g in spec.sizes if g != RESIDUAL]
+    mlp = [g for g in spec.sizes if g.endswith(".mlp")]
     assert len(mlp) == model.config.num_hidden_layers
     width = 4 * model.config.n_embd if family == "gpt2" else model.config.intermediate_size
     assert all(spec.sizes[g] == width for g in mlp)
+    # attention heads are units (a key/value head with its query heads under GQA); GPT-2's fused
+    # c_attn keeps its heads in place
+    attn = [g for g in spec.sizes if g.endswith(".attn")]
+    assert set(spec.sizes) == {RESIDUAL, *mlp, *attn}
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    assert len(attn) == (0 if family == "gpt2" else cfg.num_hidden_layers)
+    assert all(spec.sizes[g] == kv_heads for g in attn)
     perms = _planted(spec)
     pv = _permuted(view, spec, perms)
     assert not torch.equal(pv.state_dict()[spec.groups[RESIDUAL][0][0]],
@@ -200,3 +208,64 @@ def test_merge_hf_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="vit.layers.0"):
         merge_hf(tmp_path / "v", tmp_path / "v", tmp_path / "o", res=res)
     assert not (tmp_path / "o").exists()
+
+
+def _llama(heads: int, kv_heads: int, seed: int, head_dim: int = 6):
+    import transformers as tf
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def test_gqa_heads_move_with_their_key_value_head():
+    """8 query heads over 4 key/value heads: a planted permutation of the key/value heads (each
+    taking its 2 query heads and its o_proj columns along) leaves the logits unchanged and is found."""
+    model = _llama(8, 4, seed=3, head_dim=4)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    view = AlignView(model)
+    spec = transformer_spec(view)
+    perms = {g: torch.randperm(n, generator=torch.Generator().manual_seed(11)) for g, n in spec.sizes.items()}
+    perms = {g: (p if not g.endswith(".attn") else torch.tensor([2, 0, 3, 1])) for g, p in perms.items()}
+    pv = _permuted(view, spec, perms)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    # query heads 4, 5 (kv head 2) now sit where heads 0, 1 were
+    assert torch.equal(pv.state_dict()[q][:8], view.state_dict()[q][16:24][:, perms[RESIDUAL]])
+    y = outputs(model, {"input_ids": ids})
+    torch.testing.assert_close(outputs(pv.model, {"input_ids": ids}), y, rtol=1e-5, atol=1e-5)
+    res = hm.align(view, pv, base_spec=spec, target_spec=transformer_spec(pv),
+                   layer_map=layer_map_by_name(spec, spec))
+    for g, p in perms.items():
+        assert torch.equal(res.maps[g], torch.argsort(p)), g
+    torch.testing.assert_close(outputs(hm.merge(view, pv, res, lam=1.0).model, {"input_ids": ids}), y,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fewer_heads_zero_padded_into_a_wider_base_compute_the_same():
+    """A 2-head target aligned into a 4-head base (same head size): the two extra base heads get no
+    target head (-1), and the target mapped into the base's shapes (λ = 1) computes the target's
+    logits: a zero head has zero queries, keys and values and adds nothing through o_proj."""
+    base, target = _llama(4, 4, seed=0), _llama(2, 2, seed=1)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    vb, vt = AlignView(base), AlignView(target)
+    sb, st = transformer_spec(vb), transformer_spec(vt)
+    res = hm.align(vb, vt, base_spec=sb, target_spec=st, layer_map=layer_map_by_name(sb, st))
+    for g in ("model.layers.0.attn", "model.layers.1.attn"):
+        m = res.maps[g]
+        assert (m == -1).sum() == 2 and sorted(m[m >= 0].tolist()) == [0, 1], (g, m)
+    mapped = hm.merge(vb, vt, res, lam=1.0)
+    torch.testing.assert_close(outputs(mapped.model, {"input_ids": ids}), outputs(target, {"input_ids": ids}),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_different_head_sizes_are_refused_by_name():
+    import transformers as tf
+    a = tf.BertModel(tf.BertConfig(vocab_size=40, hidden_size=24, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=40, max_position_embeddings=16)).eval()
+    b = tf.BertModel(tf.BertConfig(vocab_size=40, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=40, max_position_embeddings=16)).eval()
+    va, vb = AlignView(a), AlignView(b)
+    sa, sb = transformer_spec(va), transformer_spec(vb)
+    with pytest.raises(SpecError, match="attention head sizes"):
+        hm.align(va, vb, base_spec=sa, target_spec=sb, layer_map=layer_map_by_name(sa, sb))

@@ -331,7 +331,8 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
                 ba, bb = base_spec.block(bkey, ax), target_spec.block(tkey, ax)
                 if ba != bb:
                     raise SpecError(f"pair_specs: {bkey!r} axis {ax} holds {ba} entries per unit but "
-                                    f"{tkey!r} holds {bb} (different spatial sizes before a flatten)")
+                                    f"{tkey!r} holds {bb} (different spatial sizes before a flatten, "
+                                    "or different attention head sizes)")
                 axes.append((ga[ax], gb[ax], a.shape[ax] // ba, b.shape[ax] // bb, ba))
             raw.append((bkey, tkey, bname, axes))
             if role == "weight":

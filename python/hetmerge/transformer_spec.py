@@ -1,6 +1,6 @@
 """Permutation spec of a Hugging Face transformer, from its config and key names (no torch.fx, no model).
 
-Covered in this step (Llama / Mistral / Qwen2, GPT-2, BERT, ViT):
+Covered (Llama / Mistral / Qwen2, GPT-2, BERT, ViT):
 
 - the residual stream: ONE group, "residual", shared by every block: token/position/type embeddings
   (columns), ViT's cls/mask token, position embeddings and patch-embedding output, every norm's
@@ -10,9 +10,12 @@ Covered in this step (Llama / Mistral / Qwen2, GPT-2, BERT, ViT):
 - the MLP hidden units of each block: one group "<block>.mlp"; up and gate (SwiGLU) rows move together,
   down's input columns follow.
 
-Attention internals are NOT permuted yet: q/k/v rows and the output projection's columns (per-head
-Q/K and V/O maps, RoPE, GQA) keep their order (axes no group lists are fixed, paired by position);
-they come in a later step. Vocabulary, class and pooler-output axes are fixed too.
+- the attention heads of each block: one group "<block>.attn" whose units are heads (a key/value
+  head together with the query heads that share it under GQA/MQA): q/k/v rows and o's input columns
+  move as whole heads, so every head's attention pattern is kept, and nothing moves inside a head
+  (which is also what RoPE demands of Q/K: a rotary pair and its frequency stay put). Models with
+  fewer heads of the same size are zero-padded with whole heads (a zero head adds nothing).
+  GPT-2's fused ``c_attn`` (q|k|v concatenated on one axis) keeps its heads in place.
 
 Conventions. A transformers ``Conv1D`` (GPT-2) stores its weight as [in, out], so its input axis is
 axis 0. Tensors whose hidden axis is not axis 0 or 1 (ViT's ``cls_token`` [1, 1, d] and
@@ -46,15 +49,22 @@ __all__ = ["FAMILIES", "RESIDUAL", "transformer_spec", "layer_map_by_name", "can
 
 RESIDUAL = "residual"
 
-# A rule: (regex over the key, [(group, axis), ...]). "{L}" in a group name is the regex's "L"
-# capture (the block's prefix); an empty list means every axis of that tensor stays fixed.
-_R, _MLP = RESIDUAL, "{L}mlp"
+# A rule: (regex over the key, [(group, axis[, block]), ...]). "{L}" in a group name is the regex's
+# "L" capture (the block's prefix); an empty list means every axis of that tensor stays fixed.
+# Attention heads are the units of "{L}attn": a block of _HD (head_dim) rows of k/v, or _QH
+# (head_dim · query heads per key/value head) rows of q and columns of o, so a K/V head and the query
+# heads that share it (GQA) move together, and nothing moves inside a head (RoPE pairs stay put).
+_R, _MLP, _ATT = RESIDUAL, "{L}mlp", "{L}attn"
+_HD, _QH = "head_dim", "query_group"
 _LLAMA = [
     (r"(.*\.)?embed_tokens\.weight", [(_R, 1)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)(input_layernorm|post_attention_layernorm)\.weight", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[qkv]_proj\.weight", [(_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[qkv]_proj\.bias", []),          # Qwen2: head axis
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.o_proj\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.q_proj\.weight", [(_ATT, 0, _QH), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[kv]_proj\.weight", [(_ATT, 0, _HD), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.q_proj\.bias", [(_ATT, 0, _QH)]),     # Qwen2
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[kv]_proj\.bias", [(_ATT, 0, _HD)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.o_proj\.weight", [(_R, 0), (_ATT, 1, _QH)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.o_proj\.bias", [(_R, 0)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.(gate|up)_proj\.weight", [(_MLP, 0), (_R, 1)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.(gate|up)_proj\.bias", [(_MLP, 0)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.down_proj\.weight", [(_R, 0), (_MLP, 1)]),
@@ -82,9 +92,11 @@ _GPT2 = [   # Conv1D weights are [in, out]
 # BERT and ViT (transformers 4.x names) share the encoder layout (post-LN in BERT, pre-LN in ViT:
 # the same groups)
 _ENCODER = [
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.weight", [(_R, 1)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.bias", []),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.output\.dense\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.weight",
+     [(_ATT, 0, _HD), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.bias", [(_ATT, 0, _HD)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.output\.dense\.weight", [(_R, 0), (_ATT, 1, _HD)]),
+    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.output\.dense\.bias", [(_R, 0)]),
     (r"(?P<L>(.*\.)?layer\.\d+\.)intermediate\.dense\.weight", [(_MLP, 0), (_R, 1)]),
     (r"(?P<L>(.*\.)?layer\.\d+\.)intermediate\.dense\.bias", [(_MLP, 0)]),
     (r"(?P<L>(.*\.)?layer\.\d+\.)output\.dense\.weight", [(_R, 0), (_MLP, 1)]),
@@ -108,9 +120,10 @@ _VIT = [
     (r"(.*\.)?layernorm\.(weight|bias)", [(_R, 0)]),
     *_ENCODER,
     # transformers >= 5 names: layers.i.attention.{q,k,v,o}_proj, layers.i.mlp.fc1/fc2
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.weight", [(_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.bias", []),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.o_proj\.(weight|bias)", [(_R, 0)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.weight", [(_ATT, 0, _HD), (_R, 1)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.bias", [(_ATT, 0, _HD)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.o_proj\.weight", [(_R, 0), (_ATT, 1, _HD)]),
+    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.o_proj\.bias", [(_R, 0)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc1\.weight", [(_MLP, 0), (_R, 1)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc1\.bias", [(_MLP, 0)]),
     (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc2\.weight", [(_R, 0), (_MLP, 1)]),
@@ -281,6 +294,7 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
                         f"{type(model)}")
     mt = model_type(config)
     rules = _COMPILED[mt]
+    blocks = head_blocks(config)
     meta = state.meta() if hasattr(state, "meta") else state
     groups: dict[str, list[tuple[str, int]]] = OrderedDict()
     modules: dict[str, dict[str, str]] = OrderedDict()
@@ -289,9 +303,9 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
         if m is None:
             raise SpecError(f"transformer_spec: tensor {key!r} {tuple(t.shape)} matches no rule of the "
                             f"{mt!r} family; add one to transformer_spec.FAMILIES[{mt!r}]")
-        for g, ax in entries:
+        for g, ax, *blk in entries:
             name = g.replace("{L}", m.group("L")) if "{L}" in g else g
-            groups.setdefault(name, []).append((key, ax))
+            groups.setdefault(name, []).append((key, ax, blocks[blk[0]]) if blk else (key, ax))
         if t.is_floating_point():   # integer buffers (position ids, masks) are not merged
             prefix, _, local = key.rpartition(".")
             modules.setdefault(prefix, {})[local] = key
@@ -301,6 +315,28 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     # (block indices as numbers) so that every source of the same model gives the same layer list
     layers = [Layer(name, modules[name]) for name in sorted(modules, key=_natural)]
     return PermSpec.from_groups(state, groups, layers=layers)
+
+
+def _config_value(config: Any, *names: str):
+    for n in names:
+        v = config.get(n) if isinstance(config, Mapping) else getattr(config, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def head_blocks(config: Any) -> dict[str, int]:
+    """{"head_dim": rows of one k/v head, "query_group": rows of the query heads sharing it}."""
+    heads = _config_value(config, "num_attention_heads", "n_head")
+    hidden = _config_value(config, "hidden_size", "n_embd")
+    if not heads or not hidden:
+        raise SpecError("transformer_spec: the config lacks num_attention_heads / hidden_size")
+    kv = _config_value(config, "num_key_value_heads") or heads
+    head_dim = _config_value(config, "head_dim") or hidden // heads
+    if heads % kv:
+        raise SpecError(f"transformer_spec: num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv}")
+    return {_HD: int(head_dim), _QH: int(head_dim) * (heads // kv)}
 
 
 def _natural(name: str) -> list:

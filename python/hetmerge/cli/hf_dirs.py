@@ -1,6 +1,6 @@
 """`hetmerge inspect`, `align` and `merge` on Hugging Face model directories (config.json +
-safetensors shards): groups and links from the config's architecture family (residual stream and
-MLP units; attention internals stay fixed, docs/transformers.md), weight matching straight from the
+safetensors shards): groups and links from the config's architecture family (residual stream,
+attention heads, MLP units; docs/transformers.md), weight matching straight from the
 memory-mapped shards, and a streamed, sharded, atomic directory-to-directory merge. Without an
 alignment, merge pairs same-named layers with maps by position (a plain linear merge)."""
 from __future__ import annotations
@@ -59,8 +59,9 @@ def cmd_inspect_hf(args, ui: UI) -> int:
     ui.out(f"{len(pairing.layer_map)} layers paired by name; links:")
     ui.out("  " + R.table(lrows, align_left=["link", "map"]).replace("\n", "\n  "))
     ui.out("")
-    ui.out("attention internals (per-head Q/K, V/O maps) stay fixed in this version; "
-           "hetmerge merge on these directories is a plain linear merge of same-named layers")
+    ui.out("attention heads move as whole heads (a key/value head with its query heads); nothing moves "
+           "inside a head. Without --alignment, hetmerge merge on these directories is a plain linear "
+           "merge of same-named layers")
     return EXIT_OK
 
 
@@ -112,7 +113,7 @@ def cmd_align_hf(args, ui: UI) -> int:
     Alignment(res.pairing, res.maps, {"base": _fingerprint(base_dir), "target": _fingerprint(target_dir)},
               info).save(out)
     tr = res.trace
-    ui.out(f"aligned {target_dir} to {base_dir}: {len(res.maps)} index maps (residual stream and MLP units), "
+    ui.out(f"aligned {target_dir} to {base_dir}: {len(res.maps)} index maps (residual stream, attention heads, MLP units), "
            f"normalized objective {tr[0]:.4f} (by position) -> {tr[-1]:.4f} after {res.iterations} sweeps, "
            f"{wall:.2f} s")
     ui.out(f"wrote {out}")
