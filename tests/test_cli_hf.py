@@ -21,7 +21,7 @@ def test_inspect_directories_prints_the_transformer_groups(dirs, capsys):
     assert main(["inspect", str(dirs / "a"), str(dirs / "b")]) == EXIT_OK
     out = capsys.readouterr().out
     assert "Hugging Face, llama" in out and "residual" in out and "model.layers.1.mlp" in out
-    assert "attention internals" in out
+    assert "model.layers.1.attn" in out and "attention heads move as whole heads" in out
 
 
 def test_merge_directories_is_the_linear_merge_and_loads(dirs, capsys):
