@@ -32,13 +32,15 @@ __all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", 
 @dataclass(frozen=True)
 class MergeItem:
     """One paired tensor: base[base_key] <- target[target_key] through entry maps (rows over axis 0,
-    cols over axis 1; None = not permuted), merged at factor `lam` (0 keeps the base)."""
+    cols over axis 1; None = not permuted), merged at factor `lam` (0 keeps the base); the target
+    tensor is multiplied by `scale` first (RMSNorm gains zero-padded into a wider stream)."""
     base_key: str
     target_key: str
     layer: str
     rows: torch.Tensor | None
     cols: torch.Tensor | None
     lam: float
+    scale: float = 1.0
 
 
 def layer_lams(pairing: Pairing, lam, extrapolate: bool = False) -> dict[str, float]:
@@ -89,7 +91,7 @@ def merge_items(pairing: Pairing, maps: Mapping[str, torch.Tensor], lam=1.0,
         if value == 0.0:
             continue
         rows, cols = transform(pp, maps)
-        items.append(MergeItem(pp.base_key, pp.target_key, pp.layer, rows, cols, value))
+        items.append(MergeItem(pp.base_key, pp.target_key, pp.layer, rows, cols, value, pp.scale))
     return items
 
 
@@ -121,6 +123,11 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
             rows = local
     rows = None if rows is None else rows.to(a.device)
     cols = None if item.cols is None else item.cols.to(a.device)
+    if item.scale != 1.0:
+        # scaled in float32 (or wider) and rounded once, with the interpolation
+        wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, wide).to(a.device)
+        return ops.interpolate(a.to(wide), b.to(wide) * item.scale, lam, rows, cols, fill=fill).to(a.dtype)
     if a.dtype != b.dtype:
         # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and
         # round once to the base's, rather than rounding the target first

@@ -7,6 +7,7 @@ and every (base group, target group) they touch becomes a *link*: one index map 
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class PairedParam:
     layer: str               # base layer name (per-layer λ)
     links: tuple             # link name per permutable axis (1 or 2 entries)
     blocks: tuple            # entries per unit per axis (same in base and target)
+    scale: float = 1.0       # the target tensor's factor on merging (RMSNorm gains under padding)
 
 
 @dataclass
@@ -358,5 +360,10 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
                                 f"but {n_a}<-{n_b} on {bkey!r}/{tkey!r}")
             names.append(name)
             blocks.append(blk)
-        params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks)))
+        scale = 1.0
+        if bkey in base_spec.rms_norms and tkey in target_spec.rms_norms and axes[0][2] != axes[0][3]:
+            # mean of squares over n_a units of which n_b are the target's: the padded target's
+            # statistic shrinks by sqrt(n_b / n_a), and its gain does too to keep its outputs
+            scale = math.sqrt(axes[0][3] / axes[0][2])
+        params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks), scale))
     return Pairing(lmap, links, params, cases, bl, tl)

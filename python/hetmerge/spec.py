@@ -52,6 +52,11 @@ class PermSpec:
                                             channels): consecutive parts, each the units of one group
                                             (`block` entries each); no new freedom, so these axes are
                                             listed under no group
+    rms_norms: keys of RMSNorm gains (statistic: root mean square over their group). A target gain
+                                            zero-padded into a wider base is multiplied by
+                                            sqrt(n_target / n_base) on merging, so that the mean
+                                            over the extra zeros leaves the normalized output as it
+                                            was (exact up to the norm's eps)
     """
     groups: dict[str, list[tuple[str, int]]]
     blocks: dict[tuple[str, int], int]
@@ -60,6 +65,7 @@ class PermSpec:
     layers: list[Layer]
     probes: dict[str, tuple[str, str]] = field(default_factory=dict)
     segments: dict[tuple[str, int], tuple] = field(default_factory=dict)
+    rms_norms: frozenset = frozenset()
 
     def axis_groups(self, key: str, ndim: int) -> tuple[str, ...]:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed

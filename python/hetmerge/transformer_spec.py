@@ -131,6 +131,9 @@ _VIT = [
     (r"classifier\.weight", [(_R, 1)]),          # reads the final norm's CLS token
     (r"classifier\.bias", []),
 ]
+# families whose norms are RMSNorm (gain only, statistic = root mean square over the stream)
+_RMS_NORM_FAMILIES = {"llama", "mistral", "qwen2"}
+_NORM_GAIN = re.compile(r"(.*\.)?(input_layernorm|post_attention_layernorm|norm)\.weight")
 FAMILIES: dict[str, list] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2,
                              "bert": _BERT, "vit": _VIT}
 # tensors whose hidden axis is the last of [1, n, d]: seen as [n, d]
@@ -314,7 +317,10 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     # storage order differs between a module, a single file and shards: sort names naturally
     # (block indices as numbers) so that every source of the same model gives the same layer list
     layers = [Layer(name, modules[name]) for name in sorted(modules, key=_natural)]
-    return PermSpec.from_groups(state, groups, layers=layers)
+    spec = PermSpec.from_groups(state, groups, layers=layers)
+    if mt in _RMS_NORM_FAMILIES:
+        spec.rms_norms = frozenset(k for k, *_ in groups[RESIDUAL] if _NORM_GAIN.fullmatch(k))
+    return spec
 
 
 def _config_value(config: Any, *names: str):
