@@ -72,3 +72,15 @@ def test_align_then_merge_directories_recovers_a_planted_permutation(dirs, tmp_p
     # an alignment computed for other directories does not fit these
     assert main(["merge", str(dirs / "a"), str(dirs / "g"), "--alignment", str(al), "--lam", "0.5",
                  "-o", str(tmp_path / "x")]) == EXIT_INCOMPATIBLE
+
+
+def test_merge_directories_with_per_block_lambda(dirs, capsys):
+    out = dirs / "per_block"
+    assert main(["merge", str(dirs / "a"), str(dirs / "b"), "--lam", "model.layers.1=0.4", "-o", str(out)]) == EXIT_OK
+    a, _ = build("llama", 0)
+    b, _ = build("llama", 1)
+    merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in merged.state_dict().items():
+        want = 0.6 * sa[k] + 0.4 * sb[k] if k.startswith("model.layers.1.") else sa[k]
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-6)

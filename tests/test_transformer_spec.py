@@ -336,3 +336,58 @@ def test_narrower_residual_stream_under_layernorm_is_approximate():
     rel = float((got - want).norm() / want.norm())
     print(f"LayerNorm padding error: relative {rel:.3f}")
     assert 1e-3 < rel < 2.0, rel
+
+
+def _deep_llama(layers: int, seed: int):
+    import transformers as tf
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=24, intermediate_size=40, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def _gathered(t, rows, cols):
+    """Plain-torch T(B): rows/cols index maps, -1 = zero."""
+    out = t[rows.clamp(min=0)] * (rows >= 0).to(t.dtype).unsqueeze(1)
+    return out[:, cols.clamp(min=0)] * (cols >= 0).to(t.dtype)
+
+
+def test_depth_mismatch_pairs_blocks_shallow_to_shallow_or_as_chosen():
+    base, target = _deep_llama(4, 0), _deep_llama(2, 1)
+    vb, vt = AlignView(base), AlignView(target)
+    sb, st = transformer_spec(vb), transformer_spec(vt)
+    default = layer_map_by_name(sb, st)
+    assert "model.layers.1.mlp.down_proj" in default and "model.layers.3.mlp.down_proj" not in default
+    chosen = layer_map_by_name(sb, st, blocks={0: 0, "model.layers.3": 1})
+    assert chosen["model.layers.3.mlp.down_proj"] == "model.layers.1.mlp.down_proj"
+    assert not any(k.startswith(("model.layers.1.", "model.layers.2.")) for k in chosen)
+    res = hm.align(vb, vt, base_spec=sb, target_spec=st, layer_map=chosen)
+    merged = hm.merge(vb, vt, res, lam=0.5).state_dict()
+    a, b = vb.state_dict(), vt.state_dict()
+    for k in a:                        # blocks 1 and 2 have no partner: the base's weights, exactly
+        if k.startswith(("model.layers.1.", "model.layers.2.")):
+            assert torch.equal(merged[k], a[k]), k
+    down = "model.layers.3.mlp.down_proj.weight"
+    want = 0.5 * a[down] + 0.5 * _gathered(b["model.layers.1.mlp.down_proj.weight"], res.maps[RESIDUAL],
+                                           res.maps["model.layers.3.mlp"])
+    torch.testing.assert_close(merged[down], want)
+    with pytest.raises(SpecError, match="out of range"):
+        layer_map_by_name(sb, st, blocks={0: 5})
+
+
+def test_block_lams_expand_to_every_layer_of_the_block(tmp_path):
+    from hetmerge.transformer_spec import expand_block_lams
+    a, b = _deep_llama(2, 0), _deep_llama(2, 1)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    merge_hf(tmp_path / "a", tmp_path / "b", tmp_path / "m", lam={"block:1": 0.25})
+    import transformers as tf
+    m = tf.LlamaForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in m.items():
+        want = 0.75 * sa[k] + 0.25 * sb[k] if k.startswith("model.layers.1.") else sa[k]
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-6, msg=k)
+    layers = ["model.embed_tokens", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    assert expand_block_lams({"model.layers.0": 0.5, "model.embed_tokens": 0.1}, layers) == {
+        "model.layers.0.mlp.up_proj": 0.5, "model.layers.0.mlp.down_proj": 0.5, "model.embed_tokens": 0.1}

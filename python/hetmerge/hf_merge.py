@@ -16,8 +16,8 @@ import torch
 from .hf import HFError, HFState, save_hf
 from .merging import merge_items, merge_tensor
 from .pairing import pair_specs
-from .transformer_spec import (CanonicalState, canonical_state, layer_map_by_name, model_type,
-                               transformer_spec)
+from .transformer_spec import (CanonicalState, canonical_state, expand_block_lams, layer_map_by_name,
+                               model_type, transformer_spec)
 
 __all__ = ["merge_hf", "MergedState"]
 
@@ -55,7 +55,8 @@ def merge_hf(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir
              dtype: torch.dtype | None = None, overwrite: bool = False, progress=None) -> Path:
     """Merge `target_dir` into `base_dir` and write a Hugging Face directory at `out_dir`.
 
-    lam: merging factor (0 = base, 1 = aligned target).
+    lam: merging factor (0 = base, 1 = aligned target), or {layer: λ} where a key may also name a
+      block ("model.layers.3", or "block:3") for all its layers; unlisted layers keep the base's.
     res: AlignResult of hm.align on ``AlignView``s of the two models (its pairing names canonical
       keys, which these directories must share), or None: identity alignment (same-named layers
       paired, maps by position: a plain linear merge (1 - λ)·base + λ·target for same-size models).
@@ -63,8 +64,8 @@ def merge_hf(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir
     """
     if fill not in ("zero", "base"):
         raise ValueError(f"fill: expected 'zero' or 'base', got {fill!r}")
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-        raise TypeError(f"lam: expected a float, got {type(lam).__name__}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, Mapping)):
+        raise TypeError(f"lam: expected a float or {{layer or block: λ}}, got {type(lam).__name__}")
     base, target = HFState(base_dir), HFState(target_dir)
     mb, mt = model_type(base.config), model_type(target.config)
     if mb != mt:
@@ -81,6 +82,8 @@ def merge_hf(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir
         unknown = [pp.base_key for pp in pairing.params if pp.base_key not in cb]
         if unknown:
             raise HFError(f"{base_dir}: no tensor(s) {unknown[:3]} named by the alignment")
+    if isinstance(lam, Mapping):
+        lam = expand_block_lams(lam, pairing.base_layers or list(pairing.layer_map))
     merged = MergedState(cb, ct, pairing, maps, lam, fill)
     return save_hf(out_dir, merged, base_dir=base_dir, max_shard_size=max_shard_size, dtype=dtype,
                    overwrite=overwrite, progress=progress)

@@ -144,8 +144,6 @@ def cmd_merge_hf(args, ui: UI) -> int:
 
     base_dir, target_dir, out = Path(args.base), Path(args.target), Path(args.output)
     check_output(out, [("base", base_dir), ("target", target_dir)], "output folder", folder=True)
-    if isinstance(lam, dict):
-        raise IncompatibleError("lam: per-layer λ is not supported for Hugging Face directories yet; give one λ")
     from ..hf import read_config
     from ..transformer_spec import model_type
     mb, mt = model_type(read_config(base_dir)), model_type(read_config(target_dir))
@@ -154,7 +152,8 @@ def cmd_merge_hf(args, ui: UI) -> int:
                                 "different families is not a merge")
     alignment = _read_alignment_hf(Path(args.alignment), base_dir, target_dir, ui) if args.alignment else None
     t0 = time.perf_counter()
-    merge_hf(base_dir, target_dir, out, lam=float(lam), res=alignment, fill=o.fill)
+    merge_hf(base_dir, target_dir, out, lam=lam if isinstance(lam, dict) else float(lam), res=alignment,
+             fill=o.fill)
     ui.out(f"merged {target_dir} into {base_dir} at λ = {lam} ({time.perf_counter() - t0:.2f} s): a Hugging Face "
            "directory with the base's config and tokenizer files")
     ui.out(f"wrote {out}/")
