@@ -56,13 +56,13 @@ def test_planted_permutation_is_invariant_and_recovered(family):
     assert len(mlp) == model.config.num_hidden_layers
     width = 4 * model.config.n_embd if family == "gpt2" else model.config.intermediate_size
     assert all(spec.sizes[g] == width for g in mlp)
-    # attention heads are units (a key/value head with its query heads under GQA); GPT-2's fused
-    # c_attn keeps its heads in place
+    # attention heads are units (a key/value head with its query heads under GQA; GPT-2's fused
+    # c_attn moves q, k and v parts by one head map)
     attn = [g for g in spec.sizes if g.endswith(".attn")]
     assert set(spec.sizes) == {RESIDUAL, *mlp, *attn}
     cfg = model.config
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    assert len(attn) == (0 if family == "gpt2" else cfg.num_hidden_layers)
+    assert len(attn) == cfg.num_hidden_layers
     assert all(spec.sizes[g] == kv_heads for g in attn)
     perms = _planted(spec)
     pv = _permuted(view, spec, perms)

@@ -181,11 +181,49 @@ def test_dense_block_concatenation_is_a_block_combination_of_groups():
     assert spec.blocks[("head.weight", 1)] == 16
 
 
-def test_dense_block_pairing_fails_clearly():
-    m = DenseNet()
-    with pytest.raises(SpecError, match=r"axis 1 of 'block.1.conv.weight' is a concatenation of groups "
-                                        r"\['stem', 'block.0.conv'\].*not supported"):
-        hm.align(m, copy.deepcopy(m))
+def test_dense_block_planted_permutation_is_recovered():
+    """Each part of a concatenation is solved by its own group's map: weight matching finds a planted
+    permutation of the stem, both dense layers and the transition, and λ = 1 gives the base back."""
+    torch.manual_seed(0)
+    m = randomize(DenseNet())
+    spec = hm.trace_spec(m)
+    perms = random_perms(spec, 3)
+    pm = copy.deepcopy(m)
+    pm.load_state_dict(permute_state(spec, m.state_dict(), perms))
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(pm(x), m(x), rtol=1e-5, atol=1e-5)
+    res = hm.align(m, pm)
+    for g, p in perms.items():
+        assert torch.equal(res.maps[g], torch.argsort(p)), g
+    torch.testing.assert_close(hm.merge(m, pm, res, lam=1.0)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_block_with_narrower_growth_zero_pads_part_by_part():
+    """A DenseNet with stem 4 and growth 2 mapped into one with stem 6 and growth 4: every part of the
+    concatenated axes pads on its own (the transition reads [stem | layer 0 | layer 1] = 6+4+4 slots,
+    4+2+2 of them the target's), and the mapped target computes its own outputs."""
+    torch.manual_seed(0)
+    base, target = randomize(DenseNet(6, 4), seed=1), randomize(DenseNet(4, 2), seed=2)
+    res = hm.align(base, target)
+    assert {g: int((m < 0).sum()) for g, m in res.maps.items() if g in ("stem", "block.0.conv", "block.1.conv")} \
+        == {"stem": 2, "block.0.conv": 2, "block.1.conv": 2}
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(hm.merge(base, target, res, lam=1.0)(x), target(x), rtol=1e-5, atol=1e-5)
+    # λ = 0.4 is (1 - λ)·base + λ·T(target) tensor by tensor, T applied part by part
+    merged = hm.merge(base, target, res, lam=0.4).state_dict()
+    w = target.state_dict()["trans.weight"]
+    cols = torch.cat([res.maps["stem"], torch.where(res.maps["block.0.conv"] >= 0, res.maps["block.0.conv"] + 4, -1),
+                      torch.where(res.maps["block.1.conv"] >= 0, res.maps["block.1.conv"] + 6, -1)])
+    tw = w[res.maps["trans"]][:, cols.clamp(min=0)] * (cols >= 0).float()[None, :, None, None]
+    torch.testing.assert_close(merged["trans.weight"], 0.6 * base.state_dict()["trans.weight"] + 0.4 * tw)
+
+
+def test_concatenations_of_different_arity_are_refused_by_name():
+    a, b = DenseNet(), DenseNet()
+    b.block = nn.Sequential(DenseLayer(6, 4), nn.Identity())
+    b.trans_bn, b.trans = nn.BatchNorm2d(10), nn.Conv2d(10, 8, 1)
+    with pytest.raises(SpecError, match="concatenates 3 part"):
+        hm.align(a, b, layer_map={"trans": "trans"})
 
 
 class CatFlat(nn.Module):

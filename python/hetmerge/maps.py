@@ -7,6 +7,7 @@ primitives, and permute a whole state dict (used to check a graph by its invaria
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Mapping
 
@@ -17,7 +18,8 @@ from . import ops
 if TYPE_CHECKING:
     from .spec import PermSpec
 
-__all__ = ["position_map", "expand_map", "inverse_map", "transform", "unit_view", "permute_state"]
+__all__ = ["position_map", "expand_map", "inverse_map", "axis_map", "transform", "pieces", "unit_view",
+           "permute_state"]
 
 
 
@@ -102,10 +104,46 @@ def unit_view(t: torch.Tensor, d: int, blocks: tuple) -> tuple[torch.Tensor, int
     return v.reshape(v.shape[0], -1), b0 * b1 * trail
 
 
+def axis_map(pp, d: int, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Entry map of axis d of a paired tensor. A concatenated axis maps part by part: base part i
+    takes entries of target part i (its offset added), in place."""
+    segs = pp.segments[d] if pp.segments else ()
+    if not segs:
+        return expand_map(maps[pp.links[d]], pp.blocks[d])
+    out, offset = [], 0
+    for link, _n_a, n_b, block in segs:
+        m = expand_map(maps[link], block)
+        out.append(torch.where(m >= 0, m + offset, m))
+        offset += n_b * block
+    return torch.cat(out)
+
+
 def transform(pp, maps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rows, cols) entry maps of one paired tensor, for ops.permute_pad / ops.interpolate."""
-    rows = expand_map(maps[pp.links[0]], pp.blocks[0])
-    cols = expand_map(maps[pp.links[1]], pp.blocks[1]) if len(pp.links) > 1 else None
+    rows = axis_map(pp, 0, maps)
+    cols = axis_map(pp, 1, maps) if len(pp.links) > 1 else None
     return rows, cols
+
+
+def pieces(pp, a: torch.Tensor, b: torch.Tensor):
+    """(a piece, b piece, links, blocks) of one paired tensor for cost terms: the tensor itself, or,
+    where an axis is a concatenation, one slice per part (costs add up over the parts)."""
+    per_axis = []
+    for d in range(len(pp.links)):
+        segs = pp.segments[d] if pp.segments else ()
+        if not segs:
+            per_axis.append([(None, pp.links[d], pp.blocks[d])])
+            continue
+        parts, oa, ob = [], 0, 0
+        for link, n_a, n_b, block in segs:
+            parts.append(((oa, n_a * block, ob, n_b * block), link, block))
+            oa, ob = oa + n_a * block, ob + n_b * block
+        per_axis.append(parts)
+    for combo in itertools.product(*per_axis):
+        ap, bp = a, b
+        for d, (cut, _, _) in enumerate(combo):
+            if cut is not None:
+                ap, bp = ap.narrow(d, cut[0], cut[1]), bp.narrow(d, cut[2], cut[3])
+        yield ap, bp, tuple(c[1] for c in combo), tuple(c[2] for c in combo)
 
 

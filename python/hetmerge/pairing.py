@@ -58,6 +58,10 @@ class PairedParam:
     links: tuple             # link name per permutable axis (1 or 2 entries)
     blocks: tuple            # entries per unit per axis (same in base and target)
     scale: float = 1.0       # the target tensor's factor on merging (RMSNorm gains under padding)
+    # per axis: () or, for an axis holding a concatenation (torch.cat along the channels, a fused
+    # q|k|v projection), its parts in order as (link, n_a, n_b, block); links/blocks then hold the
+    # first part's
+    segments: tuple = ()
 
 
 @dataclass
@@ -279,7 +283,7 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
             return None
         # A layer writing the model's output (fixed output axis) pairs only with the other model's
         # output layer: pairing a hidden layer with a head would map hidden units onto classes.
-        writes_output = spec.is_fixed(spec.axis_groups(key, w.dim())[0])
+        writes_output = all(spec.is_fixed(g) for g, _, _ in spec.axis_parts(key, 0, w.shape[0]))
         in_block = spec.block(key, 1) if w.dim() > 1 else 1
         return (w.dim(), tuple(w.shape[2:]), writes_output, in_block)
     bkinds = [kind(l, sa, base_spec) for l in base_spec.layers]
@@ -326,16 +330,21 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
                 raise SpecError(f"pair_specs: cannot pair {bkey!r} {tuple(a.shape)} (base layer {bname!r})"
                                 f" with {tkey!r} {tuple(b.shape)} (target layer {tname!r}): "
                                 "different kinds of layer or kernel sizes")
-            ga = base_spec.axis_groups(bkey, a.dim())
-            gb = target_spec.axis_groups(tkey, b.dim())
             axes = []
-            for ax in range(len(ga)):
-                ba, bb = base_spec.block(bkey, ax), target_spec.block(tkey, ax)
-                if ba != bb:
-                    raise SpecError(f"pair_specs: {bkey!r} axis {ax} holds {ba} entries per unit but "
-                                    f"{tkey!r} holds {bb} (different spatial sizes before a flatten, "
-                                    "or different attention head sizes)")
-                axes.append((ga[ax], gb[ax], a.shape[ax] // ba, b.shape[ax] // bb, ba))
+            for ax in range(min(a.dim(), 2)):
+                pa = base_spec.axis_parts(bkey, ax, a.shape[ax])
+                pb = target_spec.axis_parts(tkey, ax, b.shape[ax])
+                if len(pa) != len(pb):
+                    raise SpecError(f"pair_specs: axis {ax} of {bkey!r} concatenates {len(pa)} part(s) but "
+                                    f"that of {tkey!r} {len(pb)}; they cannot be paired")
+                parts = []
+                for (g_a, n_a, ba), (g_b, n_b, bb) in zip(pa, pb):
+                    if ba != bb:
+                        raise SpecError(f"pair_specs: {bkey!r} axis {ax} holds {ba} entries per unit but "
+                                        f"{tkey!r} holds {bb} (different spatial sizes before a flatten, "
+                                        "or different attention head sizes)")
+                    parts.append((g_a, g_b, n_a, n_b, ba))
+                axes.append(parts)
             raw.append((bkey, tkey, bname, axes))
             if role == "weight":
                 cases[bname] = _layer_case(a.shape, b.shape)
@@ -344,26 +353,32 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     # one link per (base group, target group); named after the base group unless it is paired twice
     partners: dict[str, set] = {}
     for _, _, _, axes in raw:
-        for g_a, g_b, *_ in axes:
-            partners.setdefault(g_a, set()).add(g_b)
+        for parts in axes:
+            for g_a, g_b, *_ in parts:
+                partners.setdefault(g_a, set()).add(g_b)
     links: dict[str, Link] = {}
     params = []
     for bkey, tkey, bname, axes in raw:
-        names, blocks = [], []
-        for g_a, g_b, n_a, n_b, blk in axes:
-            name = g_a if len(partners[g_a]) == 1 else f"{g_a}<-{g_b}"
-            link = Link(name, g_a, g_b, n_a, n_b,
-                        free=not (base_spec.is_fixed(g_a) and target_spec.is_fixed(g_b)))
-            old = links.setdefault(name, link)
-            if (old.n_a, old.n_b) != (n_a, n_b):
-                raise SpecError(f"pair_specs: link {name!r} has sizes {old.n_a}<-{old.n_b} on one tensor "
-                                f"but {n_a}<-{n_b} on {bkey!r}/{tkey!r}")
-            names.append(name)
-            blocks.append(blk)
+        names, blocks, segments = [], [], []
+        for parts in axes:
+            seg = []
+            for g_a, g_b, n_a, n_b, blk in parts:
+                name = g_a if len(partners[g_a]) == 1 else f"{g_a}<-{g_b}"
+                link = Link(name, g_a, g_b, n_a, n_b,
+                            free=not (base_spec.is_fixed(g_a) and target_spec.is_fixed(g_b)))
+                old = links.setdefault(name, link)
+                if (old.n_a, old.n_b) != (n_a, n_b):
+                    raise SpecError(f"pair_specs: link {name!r} has sizes {old.n_a}<-{old.n_b} on one tensor "
+                                    f"but {n_a}<-{n_b} on {bkey!r}/{tkey!r}")
+                seg.append((name, n_a, n_b, blk))
+            names.append(seg[0][0])
+            blocks.append(seg[0][3])
+            segments.append(tuple(seg) if len(seg) > 1 else ())
         scale = 1.0
-        if bkey in base_spec.rms_norms and tkey in target_spec.rms_norms and axes[0][2] != axes[0][3]:
+        if bkey in base_spec.rms_norms and tkey in target_spec.rms_norms and axes[0][0][2] != axes[0][0][3]:
             # mean of squares over n_a units of which n_b are the target's: the padded target's
             # statistic shrinks by sqrt(n_b / n_a), and its gain does too to keep its outputs
-            scale = math.sqrt(axes[0][3] / axes[0][2])
-        params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks), scale))
+            scale = math.sqrt(axes[0][0][3] / axes[0][0][2])
+        params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks), scale,
+                                  tuple(segments) if any(segments) else ()))
     return Pairing(lmap, links, params, cases, bl, tl)

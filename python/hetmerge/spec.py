@@ -70,7 +70,7 @@ class PermSpec:
     def axis_groups(self, key: str, ndim: int) -> tuple[str, ...]:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed
         pseudo-group named "key:axis" (paired by position). An axis made of segments of several
-        groups has no single group: SpecError (pairing such axes is not supported yet)."""
+        groups has no single group: SpecError (see axis_parts)."""
         return tuple(self.axis_group(key, ax) for ax in range(min(ndim, 2)))
 
     def axis_group(self, key: str, axis: int) -> str:
@@ -78,10 +78,18 @@ class PermSpec:
         if (key, axis) in self.segments:
             parts = [g for g, _, _ in self.segments[(key, axis)]]
             raise SpecError(f"spec: axis {axis} of {key!r} is a concatenation of groups {parts} "
-                            "(torch.cat along the channels); pairing, aligning and merging models "
-                            "with concatenated channels is not supported yet (the graph and "
-                            "maps.permute_state handle it)")
+                            "(torch.cat along the channels) and has no single group; use "
+                            "axis_parts")
         return self._axis_to_group.get((key, axis), f"{key}:{axis}")
+
+    def axis_parts(self, key: str, axis: int, size: int) -> tuple:
+        """((group, units, block), ...) of one axis of `size` entries: the parts of a concatenation,
+        or the axis's one group (a fixed "key:axis" pseudo-group when no group lists it)."""
+        segs = self.segments.get((key, axis))
+        if segs is not None:
+            return tuple(segs)
+        blk = self.block(key, axis)
+        return ((self._axis_to_group.get((key, axis), f"{key}:{axis}"), size // blk, blk),)
 
     def axis_segments(self, key: str, axis: int) -> tuple | None:
         """((group, units, block), ...) when axis `axis` of `key` is a concatenation, else None."""

@@ -15,7 +15,8 @@ Covered (Llama / Mistral / Qwen2, GPT-2, BERT, ViT):
   move as whole heads, so every head's attention pattern is kept, and nothing moves inside a head
   (which is also what RoPE demands of Q/K: a rotary pair and its frequency stay put). Models with
   fewer heads of the same size are zero-padded with whole heads (a zero head adds nothing).
-  GPT-2's fused ``c_attn`` (q|k|v concatenated on one axis) keeps its heads in place.
+  GPT-2's fused ``c_attn`` holds q | k | v on one axis: three parts of that axis, each moved by
+  the block's head map (``PermSpec.segments``).
 
 Conventions. A transformers ``Conv1D`` (GPT-2) stores its weight as [in, out], so its input axis is
 axis 0. Tensors whose hidden axis is not axis 0 or 1 (ViT's ``cls_token`` [1, 1, d] and
@@ -76,9 +77,10 @@ _LLAMA = [
 _GPT2 = [   # Conv1D weights are [in, out]
     (r"(.*\.)?w[tp]e\.weight", [(_R, 1)]),
     (r"(?P<L>(.*\.)?h\.\d+\.)ln_[12]\.(weight|bias)", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.weight", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.bias", []),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.weight", [(_R, 1)]),
+    # c_attn's output axis is q | k | v: three parts, each the block's heads (one map for all three)
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.weight", [(_R, 0), (_ATT, 1, _HD, 3)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.bias", [(_ATT, 0, _HD, 3)]),
+    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.weight", [(_ATT, 0, _HD), (_R, 1)]),
     (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.bias", [(_R, 0)]),
     (r"(?P<L>(.*\.)?h\.\d+\.)attn\.(masked_)?bias", []),                      # causal-mask buffers
     (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_fc\.weight", [(_R, 0), (_MLP, 1)]),
@@ -300,6 +302,7 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     blocks = head_blocks(config)
     meta = state.meta() if hasattr(state, "meta") else state
     groups: dict[str, list[tuple[str, int]]] = OrderedDict()
+    fused: dict[tuple[str, int], tuple] = {}
     modules: dict[str, dict[str, str]] = OrderedDict()
     for key, t in meta.items():
         m, entries = _rule(rules, key)
@@ -308,6 +311,10 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
                             f"{mt!r} family; add one to transformer_spec.FAMILIES[{mt!r}]")
         for g, ax, *blk in entries:
             name = g.replace("{L}", m.group("L")) if "{L}" in g else g
+            if len(blk) == 2:       # a fused axis: `parts` equal parts, each the group's units
+                block, parts = blocks[blk[0]], blk[1]
+                fused[(key, ax)] = tuple((name, t.shape[ax] // (block * parts), block) for _ in range(parts))
+                continue
             groups.setdefault(name, []).append((key, ax, blocks[blk[0]]) if blk else (key, ax))
         if t.is_floating_point():   # integer buffers (position ids, masks) are not merged
             prefix, _, local = key.rpartition(".")
@@ -318,6 +325,11 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     # (block indices as numbers) so that every source of the same model gives the same layer list
     layers = [Layer(name, modules[name]) for name in sorted(modules, key=_natural)]
     spec = PermSpec.from_groups(state, groups, layers=layers)
+    for (key, ax), parts in fused.items():
+        if parts[0][0] not in spec.sizes or spec.sizes[parts[0][0]] != parts[0][1]:
+            raise SpecError(f"transformer_spec: {key!r} axis {ax} holds {len(parts)}×{parts[0][1]} heads but "
+                            f"group {parts[0][0]!r} has {spec.sizes.get(parts[0][0])}")
+    spec.segments = dict(fused)
     if mt in _RMS_NORM_FAMILIES:
         spec.rms_norms = frozenset(k for k, *_ in groups[RESIDUAL] if _NORM_GAIN.fullmatch(k))
     return spec

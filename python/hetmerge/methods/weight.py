@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from .. import ops
-from ..maps import expand_map, inverse_map, transform, unit_view
+from ..maps import expand_map, inverse_map, pieces, transform, unit_view
 from ..pairing import Pairing
 
 __all__ = ["WeightMatching"]
@@ -43,15 +43,15 @@ class WeightMatching:
         self.terms: dict[str, list] = {n: [] for n in solve}
         self.neighbours: dict[str, tuple[str, ...]] = {}
         for pp in pairing.params:
-            a, b = self.a[pp.base_key], self.b[pp.target_key]
-            for d, ln in enumerate(pp.links):
-                if ln not in self.terms:
-                    continue
-                av, blk = unit_view(a, d, pp.blocks)
-                bv, _ = unit_view(b, d, pp.blocks)
-                other = pp.links[1 - d] if len(pp.links) == 2 else None
-                b2 = bv.square() if objective == "l2" else None
-                self.terms[ln].append((av, bv, b2, other, blk))
+            for a, b, links, blocks in pieces(pp, self.a[pp.base_key], self.b[pp.target_key]):
+                for d, ln in enumerate(links):
+                    if ln not in self.terms:
+                        continue
+                    av, blk = unit_view(a, d, blocks)
+                    bv, _ = unit_view(b, d, blocks)
+                    other = links[1 - d] if len(links) == 2 else None
+                    b2 = bv.square() if objective == "l2" else None
+                    self.terms[ln].append((av, bv, b2, other, blk))
         for ln, terms in self.terms.items():
             self.neighbours[ln] = tuple(sorted({t[3] for t in terms if t[3] is not None}))
         na = sum(float(t.double().square().sum()) for t in self.a.values())
@@ -123,7 +123,7 @@ class WeightMatching:
         inv = {}
         for pp in self.pairing.params:
             a, b = self.a[pp.base_key], self.b[pp.target_key]
-            if self.objective_kind == "inner" and b.numel() < a.numel():
+            if self.objective_kind == "inner" and b.numel() < a.numel() and not pp.segments:
                 # <A, T(B)> = <T^-1(A), B>: gather the smaller tensor (the gather is the cost)
                 for ln in pp.links:
                     if ln not in inv:
