@@ -13,7 +13,7 @@ LEVELS = {
     "ops": 1, "checkpoint": 1, "report": 1, "models": 1, "data": 1, "hf": 1,
     "maps": 2,
     "spec": 3,
-    "trace": 4, "handlers": 4, "transformer_spec": 4,
+    "trace": 4, "handlers": 4, "transformer_spec": 4, "transformer_layers": 4,
     "pairing": 5,
     "methods": 6,
     "alignment": 7,
