@@ -233,9 +233,12 @@ def test_neulig_merged_forward_equals_a_per_sample_loop(scale):
         torch.testing.assert_close(m(x), ref_merged(base, experts, b, x, scale), rtol=1e-5, atol=1e-6)
         ens = sum(b[:, t:t + 1] * experts[t](x) for t in range(3))
         torch.testing.assert_close(m.ensemble(x), ens, rtol=1e-5, atol=1e-6)
-        # Portland is one Linear over the concatenated expert outputs, then a softmax
+        # Portland is one Linear over the concatenated expert outputs (standardised with the training
+        # data's statistics), then a softmax
         cat = torch.cat([e(x) for e in experts], 1)
-        torch.testing.assert_close(b, torch.softmax(cat @ m.portland.weight.T + m.portland.bias, 1))
+        ecat = torch.cat([e(X) for e in experts], 1)
+        u = (cat - ecat.mean(0)) / ecat.std(0, unbiased=False)
+        torch.testing.assert_close(b, torch.softmax(u @ m.portland.weight.T + m.portland.bias, 1))
 
 
 def test_neulig_merged_forward_on_a_conv_model_equals_the_loop():

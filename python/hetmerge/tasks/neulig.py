@@ -3,8 +3,11 @@ router, Portland, gives each input its own mixing coefficients β(x) (a point of
 model for that input is the β-weighted merge of the experts. `merge_tasks(base, experts, "neulig",
 data=...)` trains Portland and returns a NeuLigModel.
 
-    Portland     β(x) = softmax(W · concat_t f_{θ_t}(x) + b): one Linear over the T experts'
-                 concatenated outputs (zero-initialised: training starts from the plain average)
+    Portland     β(x) = softmax(W · u(x) + b), u(x) = concat_t f_{θ_t}(x), standardised per
+                 coordinate with the training data's mean and std (kept in the module as buffers:
+                 without it, outputs of a few units saturate the softmax within a few Adam steps
+                 and Portland collapses onto a few experts); one Linear, zero-initialised, so
+                 training starts from the plain average
     merged       f_{θ(x)}(x), θ(x) = θ_0 + scale · Σ_t β_t(x) τ_t  (= Σ_t β_t θ_t at scale 1)
     ensemble     Σ_t β_t(x) f_{θ_t}(x), the prediction-level counterpart
     training     Adam on Portland only (experts frozen), minibatches of `data`:
@@ -60,6 +63,8 @@ class NeuLigModel(nn.Module):
         self.float_keys = [k for k, v in sb.items() if v.is_floating_point()]
         self.thetas = _TensorStore({k: torch.stack([st[k].to(sb[k].dtype) for st in states]) for k in self.float_keys})
         self.portland = nn.Linear(self.num_tasks * out_numel, self.num_tasks)
+        self.register_buffer("in_mean", torch.zeros(self.num_tasks * out_numel))
+        self.register_buffer("in_std", torch.ones(self.num_tasks * out_numel))
         nn.init.zeros_(self.portland.weight)
         nn.init.zeros_(self.portland.bias)
         self.history: list[dict] = []
@@ -80,9 +85,10 @@ class NeuLigModel(nn.Module):
         return torch.stack(outs, 1)
 
     def coefficients(self, x: torch.Tensor, expert_outputs: torch.Tensor | None = None) -> torch.Tensor:
-        """β [B, T]: Portland's softmax over the concatenated expert outputs."""
+        """β [B, T]: Portland's softmax over the concatenated (standardised) expert outputs."""
         eo = self.expert_outputs(x) if expert_outputs is None else expert_outputs
-        return torch.softmax(self.portland(eo.reshape(eo.shape[0], -1).to(self.portland.weight.dtype)), -1)
+        u = (eo.reshape(eo.shape[0], -1).to(self.portland.weight.dtype) - self.in_mean) / self.in_std
+        return torch.softmax(self.portland(u), -1)
 
     def ensemble(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_t β_t(x) f_{θ_t}(x): the prediction-level combination with the same β."""
@@ -201,6 +207,10 @@ def neulig(base: nn.Module, states: list, ctx: ModuleContext) -> NeuLigModel:
     G = alignment_gram(sb, states).to(X.device)
     with torch.no_grad():   # the experts are frozen: their outputs on the data are computed once
         eo = torch.cat([model.expert_outputs(X[i:i + 512]) for i in range(0, X.shape[0], 512)])
+        u = eo.reshape(eo.shape[0], -1).to(model.in_mean.dtype)
+        model.in_mean.copy_(u.mean(0))
+        sd = u.std(0, unbiased=False)
+        model.in_std.copy_(torch.where(sd > 0, sd, torch.ones_like(sd)))   # constant coordinates: left as 0
     opt = torch.optim.Adam(model.portland.parameters(), lr=opts["lr"])
     g = torch.Generator().manual_seed(ctx.seed)
     N, bs = X.shape[0], opts["batch_size"]
