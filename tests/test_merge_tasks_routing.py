@@ -303,3 +303,15 @@ def test_neulig_bad_arguments_name_the_option():
     m = hm.merge_tasks(base, experts, "neulig", data=X, epochs=1)
     with pytest.raises(ValueError, match=r"beta: expected shape \(12, 3\)"):
         m.merged_forward(X, torch.ones(12, 2) / 2)
+
+
+def test_cli_merge_tasks_refuses_input_dependent_methods_before_reading(tmp_path, capsys):
+    # the CLI writes one state dict; mass / neulig return a routing module: refused at the door (exit 2),
+    # the checkpoints are never opened (they do not even exist here)
+    from hetmerge.cli import EXIT_USAGE, main
+
+    for method in ("mass", "neulig"):
+        code = main(["merge-tasks", str(tmp_path / "b.pt"), str(tmp_path / "e.pt"), "--method", method,
+                     "-o", str(tmp_path / "m.safetensors")])
+        err = capsys.readouterr().err
+        assert code == EXIT_USAGE and f"'{method}' is input-dependent" in err and "Traceback" not in err
