@@ -88,15 +88,17 @@ def test_mass_output_equals_rank_k_reconstruction_of_the_routed_expert():
     tasks, _ = m.route(x)
     out = m(x)
     assert len(set(tasks[:, 0].tolist())) > 1           # several groups in one batch
+    refs = {t: ref_routed_state(base, experts, [t], 1.0, ks) for t in range(3)}
     for i in range(len(x)):
-        ref = functional_call(base, ref_routed_state(base, experts, [int(tasks[i, 0])], 1.0, ks), (x[i:i + 1],))
+        ref = functional_call(base, refs[int(tasks[i, 0])], (x[i:i + 1],))
         torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-6)
     # two tasks per input, scaled: θ_0 + 0.7 · (τ̂_a + τ̂_b)
     m2 = hm.merge_tasks(base, experts, "mass", scale=0.7, top_k=2)
     t2, _ = m2.route(x)
     out2 = m2(x)
+    refs = {S: ref_routed_state(base, experts, list(S), 0.7, ks) for S in [(0, 1), (0, 2), (1, 2)]}
     for i in range(len(x)):
-        ref = functional_call(base, ref_routed_state(base, experts, t2[i].tolist(), 0.7, ks), (x[i:i + 1],))
+        ref = functional_call(base, refs[tuple(sorted(t2[i].tolist()))], (x[i:i + 1],))
         torch.testing.assert_close(out2[i:i + 1], ref, rtol=1e-5, atol=1e-6)
 
 
@@ -124,7 +126,7 @@ def _digits_experts():
     what each fine-tune changed."""
     from hetmerge.data import digits
     split = digits(seed=0)
-    X, y = split.X_train[:800], split.y_train[:800]
+    X, y = split.X_train[:600], split.y_train[:600]
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))
     tasks = [lambda v: torch.flip(v.view(-1, 8, 8), (2,)).reshape(-1, 64),
              lambda v: torch.rot90(v.view(-1, 8, 8), 1, (1, 2)).reshape(-1, 64),
@@ -140,12 +142,12 @@ def _digits_experts():
                 F.cross_entropy(head(model(Xs[i:i + 100])), y[i:i + 100]).backward()
                 opt.step()
 
-    fit(trunk, nn.Linear(32, 10), X, 6)
+    fit(trunk, nn.Linear(32, 10), X, 5)
     experts = []
     for t, fx in enumerate(tasks):
         e = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
         e.load_state_dict(trunk.state_dict())
-        fit(e, nn.Linear(32, 10), fx(X), 5)
+        fit(e, nn.Linear(32, 10), fx(X), 4)
         experts.append(e)
     return trunk, experts, [fx(split.X_test) for fx in tasks]
 
@@ -154,8 +156,8 @@ def test_mass_routing_accuracy_on_digits_tasks_is_far_above_chance():
     trunk, experts, Xs = _digits_experts()
     m = hm.merge_tasks(trunk, experts, "mass")
     hits = [(m.route(X)[0][:, 0] == t).float().mean().item() for t, X in enumerate(Xs)]
-    assert sum(hits) / 4 > 0.8, hits                    # chance: 0.25; measured 0.87
-    assert min(hits) > 0.4, hits                        # mirrored digits resemble the others most: 0.49
+    assert sum(hits) / 4 > 0.85, hits                   # chance: 0.25; measured 0.95
+    assert min(hits) > 0.6, hits                        # mirrored digits are the hardest: 0.79
 
 
 def test_mass_bad_arguments_name_the_option():

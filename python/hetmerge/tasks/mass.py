@@ -101,6 +101,8 @@ class MassModel(nn.Module):
         if not feats:
             raise RuntimeError(f"mass: the routing layer {self.layer!r} was not reached by the trunk's forward")
         z = feats[0]
+        if z.dtype in (torch.float16, torch.bfloat16):   # residuals near 0 need more than 8 mantissa bits
+            z = z.float()
         if z.dim() > 2:   # tokens / positions: one feature vector per input, as the paper's mean pooling
             z = z.reshape(z.shape[0], -1, z.shape[-1]).mean(1)
         V = self.routing_basis.to(z.dtype)
