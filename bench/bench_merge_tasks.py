@@ -1,7 +1,7 @@
 """Multi-task merging: accuracy on digits tasks, and speed on Llama-shaped tensors.
 
-    python bench/bench_merge_tasks.py                     # both parts, small speed table (about 2 min, 2 cores)
-    python bench/bench_merge_tasks.py --only accuracy     # or: --only speed
+    python bench/bench_merge_tasks.py                     # both parts, small speed table (about 3 min, 2 cores)
+    python bench/bench_merge_tasks.py --only accuracy     # 7 digits tasks, about 1.5 min; or: --only speed
     python bench/bench_merge_tasks.py --only speed --shapes 4096x4096 4096x11008 --threads 1 2 \
         --tsv-shapes 1024x1024 1024x2752 --json out.json # docs/merge_tasks.md's table (about 13 min)
 
