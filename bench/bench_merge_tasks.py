@@ -1,15 +1,17 @@
 """Multi-task merging: accuracy on digits tasks, and speed on Llama-shaped tensors.
 
-    python bench/bench_merge_tasks.py                     # both parts, small speed table (about 2 min, 2 cores)
-    python bench/bench_merge_tasks.py --only accuracy     # or: --only speed
+    python bench/bench_merge_tasks.py                     # both parts, small speed table (about 3 min, 2 cores)
+    python bench/bench_merge_tasks.py --only accuracy     # 7 digits tasks, about 1.5 min; or: --only speed
     python bench/bench_merge_tasks.py --only speed --shapes 4096x4096 4096x11008 --threads 1 2 \
         --tsv-shapes 1024x1024 1024x2752 --json out.json # docs/merge_tasks.md's table (about 13 min)
 
 Accuracy: an MLP trunk pretrained on sklearn digits (hetmerge.data.digits), then one expert per
-fixed task (rotated, mirrored, inverted, pixel-permuted digits, parity labels), each fine-tuning
-the whole trunk with its own head. Heads are not merged: the merged trunk is evaluated with each
-expert's head. scale (and density) are chosen on the validation split by the mean normalized
-accuracy (merged / expert) and reported on the test split. Fixed seeds throughout.
+fixed task (digits rotated by 90° and 180°, mirrored, inverted, pixel-permuted, shifted, parity
+labels), each fine-tuning the whole trunk with its own head. Heads are not merged: the merged trunk
+is evaluated with each expert's head. scale (and density; MASS's layer and rank; NeuLig's alpha)
+are chosen on the validation split by the mean normalized accuracy (merged / expert) and reported
+on the test split. MASS is also scored without task labels (the head of the task it routes to), with
+its routing accuracy; NeuLig with its ensemble and the merge-vs-ensemble gap. Fixed seeds throughout.
 
 Speed: hm.merge_tasks' per-tensor handlers against the straightforward torch code for the same
 formula, on random float32 tensors shaped like Llama-7B's projections, T experts, best of --repeat.
@@ -55,6 +57,9 @@ TASKS = {   # name: (input transform, label transform, classes)
     "invert": (lambda X: 1.0 - X, lambda y: y, 10),
     "permute": (lambda X: X[:, PERM], lambda y: y, 10),
     "parity": (lambda X: X, lambda y: y % 2, 2),
+    "rotate180": (lambda X: torch.rot90(_img(X), 2, (1, 2)).reshape(-1, 64), lambda y: y, 10),
+    # two pixels to the right, zeros entering on the left (a translation, not a roll)
+    "shift": (lambda X: F.pad(_img(X), (2, 0))[:, :, :8].reshape(-1, 64), lambda y: y, 10),
 }
 
 
@@ -84,6 +89,24 @@ GRIDS = {   # method -> list of (scale, density); density None for the methods w
     "dare_ties": [(s, d) for d in (0.3, 0.5, 0.8) for s in (0.6, 0.8, 1.0, 1.3)],
     "tsv": [(s, None) for s in (0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 2.5)],
 }
+# input-dependent methods: their own knobs (scale 1 keeps a routed input's model = its expert's rank-k
+# reconstruction; NeuLig's β already sums to 1)
+MASS_GRID = [{"layer": layer, "rank": r} for layer in ("0", "2") for r in (None, 4, 8, 16)]
+NEULIG_GRID = [{"alpha": a} for a in (0.0, 0.3, 3.0, 30.0)]
+NEULIG_PER_TASK = 150   # labeled training inputs per task for Portland (from the training split)
+
+
+@torch.no_grad()
+def acc_routed(model, heads: list, X, y) -> tuple[float, float, torch.Tensor]:
+    """MASS with no task label: the head of the task each input is routed to.
+    (accuracy, routing accuracy is computed by the caller, routed task per input)."""
+    tasks = model.route(X)[0][:, 0]
+    out = model(X)
+    hit = torch.zeros(len(y), dtype=torch.bool)
+    for t in tasks.unique().tolist():
+        i = tasks == t
+        hit[i] = heads[t](out[i]).argmax(-1) == y[i]
+    return hit.float().mean().item(), tasks
 
 
 def run_accuracy(seed: int = 0) -> dict:
@@ -143,12 +166,105 @@ def run_accuracy(seed: int = 0) -> dict:
         results[method].update({"scale": s, "density": d, "val_mean_norm": val,
                                 "merge_s_median": sorted(t_merge)[len(t_merge) // 2], "grid_size": len(grid)})
         rows[-1]["merge ms"] = 1000 * results[method]["merge_s_median"]
+    names = list(TASKS)
+    head_list = [heads[n] for n in names]
+
+    # MASS: knobs on val (task-known heads, as the rows above), then test with and without task labels
+    best, mass_rows = None, []
+    for opts in MASS_GRID:
+        t0 = time.perf_counter()
+        m = hm.merge_tasks(base, ex, "mass", **opts)
+        t_build = time.perf_counter() - t0
+        v = scores(m, "val")
+        val = sum(v[n] / expert_val[n] for n in TASKS) / len(TASKS)
+        with torch.no_grad():
+            rv = [(m.route(data[n]["val"][0])[0][:, 0] == t).float().mean().item() for t, n in enumerate(names)]
+        mass_rows.append({"layer": opts["layer"], "rank": f"{opts['rank'] or 'auto'} (k={m.rank})",
+                          "val routing %": 100 * sum(rv) / len(rv), "val mean norm %": 100 * val})
+        if best is None or val > best[0]:
+            best = (val, opts, m, t_build)
+    val, opts, m, t_build = best
+    hp = f"layer {opts['layer']}, rank {opts['rank'] or 'auto'} (k={m.rank})"
+    t0 = time.perf_counter()
+    results["mass"] = add_row("mass (task head)", scores(m, "test"), hp)
+    t_eval = time.perf_counter() - t0
+    routed, route_acc = {}, {}
+    for t, n in enumerate(names):
+        routed[n], tasks = acc_routed(m, head_list, *data[n]["test"])
+        route_acc[n] = (tasks == t).float().mean().item()
+    results["mass_no_label"] = add_row("mass (routed head, no task label)", routed, hp)
+    results["mass"].update({"options": opts, "val_mean_norm": val, "build_s": t_build, "eval_s": t_eval,
+                            "routing_acc": route_acc})
+    rows[-2]["merge ms"] = rows[-1]["merge ms"] = 1000 * t_build
+
+    # NeuLig: Portland trained on labeled training inputs of every task (the task picks the head in the
+    # loss, as in the paper's per-dataset heads); alpha chosen on val; merged and ensemble on test
+    tr = {n: (fx(Xtr[:NEULIG_PER_TASK]), fy(ytr[:NEULIG_PER_TASK])) for n, (fx, fy, _) in TASKS.items()}
+    Xn = torch.cat([tr[n][0] for n in names])
+    yn = torch.cat([torch.stack([torch.full_like(tr[n][1], t), tr[n][1]], 1) for t, n in enumerate(names)])
+
+    def task_head_loss(out, y):
+        loss = out.new_zeros(())
+        for t in y[:, 0].unique().tolist():
+            i = y[:, 0] == t
+            loss = loss + F.cross_entropy(head_list[t](out[i]), y[i, 1], reduction="sum")
+        return loss / len(y)
+
+    best, neulig_rows = None, []
+    for opts in NEULIG_GRID:
+        t0 = time.perf_counter()
+        m = hm.merge_tasks(base, ex, "neulig", data=(Xn, yn), loss=task_head_loss, seed=seed, **opts)
+        t_build = time.perf_counter() - t0
+        with torch.no_grad():
+            v = scores(m, "val")
+            ve = {n: acc(m.ensemble, heads[n], *data[n]["val"]) for n in names}
+        val = sum(v[n] / expert_val[n] for n in TASKS) / len(TASKS)
+        neulig_rows.append({"alpha": opts["alpha"], "val merged %": 100 * sum(v.values()) / len(v),
+                            "val ensemble %": 100 * sum(ve.values()) / len(ve),
+                            "gap (ens − merged)": 100 * sum(ve[n] - v[n] for n in names) / len(names),
+                            "final L_a": m.history[-1]["align"], "final L_b": m.history[-1]["boost"],
+                            "train s": t_build})
+        if best is None or val > best[0]:
+            best = (val, opts, m, t_build)
+    val, opts, m, t_build = best
+    hp = f"alpha {opts['alpha']}"
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        results["neulig"] = add_row("neulig (merged, per-sample β)", scores(m, "test"), hp)
+        t_eval = time.perf_counter() - t0
+        ens = {n: acc(m.ensemble, heads[n], *data[n]["test"]) for n in names}
+        beta = {n: m.coefficients(data[n]["test"][0]).mean(0).tolist() for n in names}
+    results["neulig_ensemble"] = add_row("neulig ensemble (same β)", ens, hp)
+    results["neulig"].update({"options": opts, "val_mean_norm": val, "build_s": t_build, "eval_s": t_eval,
+                              "gap": {n: results["neulig_ensemble"]["test"][n] - results["neulig"]["test"][n]
+                                      for n in names},
+                              "mean_beta": beta, "history_first_last": [m.history[0], m.history[-1]]})
+    rows[-2]["merge ms"] = rows[-1]["merge ms"] = 1000 * t_build
     wall = time.perf_counter() - t_start
     print_table(f"digits tasks: test accuracy % (normalized = merged / expert), {len(TASKS)} experts, "
                 f"trunk 64-{WIDTH}-{WIDTH}; scale/density chosen on {len(yva)} validation samples", rows,
                 ["method", "chosen", *TASKS, "mean abs", "mean norm %", "merge ms"])
     print(f"wall: {wall:.1f} s (training base + {len(TASKS)} experts {t_train:.1f} s)")
-    return {"tasks": list(TASKS), "results": results, "wall_s": wall, "train_s": t_train}
+    print_table("MASS knobs (validation): routing accuracy without task labels, mean normalized accuracy",
+                mass_rows)
+    print_table("NeuLig alpha (validation): mean accuracy of the merged model and the ensemble with the same β",
+                neulig_rows)
+    results["mass"]["grid"], results["neulig"]["grid"] = mass_rows, neulig_rows
+    ra = results["mass"]["routing_acc"]
+    print("MASS routing accuracy (no task labels; chance " f"{100 / len(TASKS):.0f}%): " +
+          ", ".join(f"{n} {100 * ra[n]:.1f}" for n in names) + f"; mean {100 * sum(ra.values()) / len(ra):.1f}")
+    gap = results["neulig"]["gap"]
+    print("NeuLig ensemble − merged (points): " + ", ".join(f"{n} {100 * gap[n]:+.1f}" for n in names) +
+          f"; mean {100 * sum(gap.values()) / len(gap):+.1f}")
+    print("NeuLig mean β per task's test inputs (rows: task, columns: expert): " +
+          "; ".join(f"{n} [{' '.join(f'{b:.2f}' for b in results['neulig']['mean_beta'][n])}]" for n in names))
+    ta = results["task_arithmetic"]["test"]
+    for key in [*GRIDS, "mass", "mass_no_label", "neulig"]:
+        worse = [n for n in names if results[key]["test"][n] < ta[n]]
+        results[key]["worse_than_ta"] = worse
+        if key != "task_arithmetic":
+            print(f"worse than task_arithmetic: {key}: {len(worse)} ({', '.join(worse) or '-'})")
+    return {"tasks": names, "results": results, "wall_s": wall, "train_s": t_train}
 
 
 # ---------------------------------------------------------------------------------------------

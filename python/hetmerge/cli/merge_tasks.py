@@ -31,7 +31,7 @@ def cmd_merge_tasks(args, ui: UI) -> int:
 
     opts = _method_options(args)
     try:   # the plan is checked before the heavy work
-        resolve_method(args.method, args.scale, args.density, args.seed, opts)
+        resolve_method(args.method, args.scale, args.density, args.seed, opts, for_states=True)
     except (TypeError, ValueError) as exc:
         raise PlanError(str(exc)) from None
     out = Path(args.output)

@@ -3,26 +3,34 @@
     hm.merge_tasks(base, experts, "ties", scale=1.0, density=0.2)   # new module, base's architecture
     hm.compress_tasks(base, experts, k)                              # TSV-C: low-rank task vectors
 
-Methods are registered handlers (one file each): task_arithmetic, ties, dare, dare_ties, tsv. Add one
-with ``@register_task_method(name)``; see registry.py for the handler's contract.
+Methods are registered handlers (one file each): task_arithmetic, ties, dare, dare_ties, tsv, and the
+input-dependent mass (routing) and neulig (per-sample coefficients), which return a module that
+routes or mixes per input. Add one with ``@register_task_method(name)``; see registry.py for the
+handler's contract.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from . import dare, task_arithmetic, ties, tsv  # noqa: F401  (each file registers its method)
+from . import dare, mass, neulig, task_arithmetic, ties, tsv  # noqa: F401  (each file registers its method)
 from .compress import CompressedTasks, compress_tasks
+from .plumbing import check_finite as _check_finite
 from .plumbing import check_inputs, check_density, check_scale, check_seed, merge_states, new_module
-from .registry import TaskMethod, TensorContext, get_task_method, register_task_method, task_methods
+from .registry import ModuleContext, TaskMethod, TensorContext, get_task_method, register_task_method, task_methods
 
 __all__ = ["merge_tasks", "merge_task_states", "resolve_method", "compress_tasks", "CompressedTasks", "register_task_method",
-           "task_methods", "get_task_method", "TaskMethod", "TensorContext"]
+           "task_methods", "get_task_method", "TaskMethod", "TensorContext", "ModuleContext"]
 
 
-def resolve_method(method: Any, scale, density, seed, method_options: dict):
+def resolve_method(method: Any, scale, density, seed, method_options: dict, *, for_states: bool = False):
     """(TaskMethod, scale, density, seed, options with defaults) after checking every argument; raises
-    before any tensor is touched (the CLI calls it before reading checkpoints)."""
+    before any tensor is touched (the CLI calls it before reading checkpoints). for_states=True: the
+    caller needs one state dict, which the input-dependent methods (mass, neulig) do not produce."""
     m = get_task_method(method)
+    if for_states and m.returns_module:
+        raise ValueError(f"method: {m.name!r} is input-dependent (it routes or mixes per input) and returns a "
+                         "module, not one state dict; call hm.merge_tasks(base, experts, "
+                         f"{m.name!r}, ...) and use the module it returns")
     d = check_density(density, m.name, m.uses_density)
     stray = [k for k in method_options if k not in m.options]
     if stray:
@@ -38,7 +46,7 @@ def merge_task_states(base: Any, experts: Any, method: str, scale: float = 1.0, 
                       seed: int = 0, *, check_finite: bool = True, non_float: str = "error", progress=None,
                       **method_options) -> dict:
     """merge_tasks on state dicts: {name: merged tensor} (what the CLI writes to a checkpoint)."""
-    m, s, d, sd, opts = resolve_method(method, scale, density, seed, method_options)
+    m, s, d, sd, opts = resolve_method(method, scale, density, seed, method_options, for_states=True)
     sb, states = check_inputs(base, experts, non_float)
     return merge_states(sb, states, m, s, d, sd, opts, check_finite, progress)
 
@@ -58,6 +66,13 @@ def merge_tasks(base, experts, method: str, scale: float = 1.0, density: float |
       tsv              per matrix: each task's top ⌊min(m, n)/T⌋ singular components (option rank),
                        stacked U, V orthogonalised by their polar factors, θ_0 + scale · U⊥ diag(σ) V⊥ᵀ;
                        1-D tensors by task arithmetic
+      mass             returns a MassModel: routes each input to the task whose rank-k input subspace
+                       (at option layer) explains its features best, then runs θ_0 + scale · Σ_selected
+                       rank-k τ_t (options rank, layer, top_k, trunk_scale); data-free
+      neulig           returns a NeuLigModel: a Portland router (linear + softmax over the experts'
+                       concatenated outputs) gives per-sample β(x); the model for x is
+                       θ_0 + scale · Σ_t β_t(x) τ_t; trained with Adam on option data (options data,
+                       loss, alpha, epochs, lr, batch_size, chunk_size)
     base: nn.Module; experts: list of nn.Modules or state dicts with the base's keys and shapes.
     density: in (0, 1] for ties / dare / dare_ties, None for the others. Non-float tensors (step
     counters) must equal the base's (non_float="base": keep the base's). NaN/inf in any input raise
@@ -68,6 +83,14 @@ def merge_tasks(base, experts, method: str, scale: float = 1.0, density: float |
     if not isinstance(base, nn.Module):
         raise TypeError(f"base: expected a torch.nn.Module (use merge_task_states for state dicts), "
                         f"got {type(base).__name__}")
+    m, s, d, sd, opts = resolve_method(method, scale, density, seed, method_options)
+    if m.returns_module:
+        sb, states = check_inputs(base, experts, non_float)
+        if check_finite:
+            for k, a in sb.items():
+                if a.is_floating_point():
+                    _check_finite(k, a, [st[k] for st in states])
+        return m.handler(base, states, ModuleContext(s, d, sd, opts))
     state = merge_task_states(base, experts, method, scale, density, seed, check_finite=check_finite,
                               non_float=non_float, **method_options)
     return new_module(base, state)

@@ -3,6 +3,11 @@
 A handler merges one tensor: it receives the base tensor, the experts' tensors and a TensorContext
 (scale, density, seed, the method's options, the tensor's name) and returns the merged tensor. A new
 method is one file with one ``@register_task_method("name")`` handler plus its test.
+
+Input-dependent methods (MASS routing, NeuLig's per-sample coefficients) cannot be one tensor per
+name: they register with ``returns_module=True`` and a handler
+``handler(base: nn.Module, states: [expert state dicts], ctx: ModuleContext) -> nn.Module`` that
+builds the model users call on inputs; merge_task_states refuses them.
 """
 from __future__ import annotations
 
@@ -12,13 +17,22 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["TaskMethod", "TensorContext", "register_task_method", "get_task_method", "task_methods"]
+__all__ = ["TaskMethod", "TensorContext", "ModuleContext", "register_task_method", "get_task_method", "task_methods"]
 
 
 @dataclass(frozen=True)
 class TensorContext:
     """What a handler knows about the tensor it merges."""
     key: str                      # state-dict name, for error messages and per-tensor seeds
+    scale: float
+    density: float | None
+    seed: int
+    options: Mapping[str, Any]    # the method's options, defaults filled in
+
+
+@dataclass(frozen=True)
+class ModuleContext:
+    """What a module-building (input-dependent) method knows: the checked arguments of merge_tasks."""
     scale: float
     density: float | None
     seed: int
@@ -33,13 +47,14 @@ class TaskMethod:
     options: Mapping[str, Any] = field(default_factory=dict)   # option name -> default
     check: Callable[[dict], None] | None = None                # validates the options once, at the door
     doc: str = ""
+    returns_module: bool = False   # handler builds an input-dependent nn.Module (see the module docstring)
 
 
 _METHODS: dict[str, TaskMethod] = {}
 
 
 def register_task_method(name: str, *, uses_density: bool = False, options: Mapping[str, Any] | None = None,
-                         check: Callable[[dict], None] | None = None):
+                         check: Callable[[dict], None] | None = None, returns_module: bool = False):
     """Decorator: ``@register_task_method("ties", uses_density=True, options={"normalize": True})``
     registers ``handler(base, experts, ctx) -> merged`` under `name` (one name, one handler)."""
     if not isinstance(name, str) or not name:
@@ -50,7 +65,7 @@ def register_task_method(name: str, *, uses_density: bool = False, options: Mapp
             raise ValueError(f"register_task_method: {name!r} is already registered by "
                              f"{_METHODS[name].handler.__module__}.{_METHODS[name].handler.__qualname__}")
         _METHODS[name] = TaskMethod(name, fn, uses_density, dict(options or {}), check,
-                                    (fn.__doc__ or "").strip().split("\n")[0])
+                                    (fn.__doc__ or "").strip().split("\n")[0], returns_module)
         return fn
     return deco
 
