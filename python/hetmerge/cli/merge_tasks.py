@@ -82,7 +82,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="output checkpoint; .pt/.pth/.bin -> PyTorch, else safetensors (default: %(default)s)")
     p.add_argument("--format", choices=["safetensors", "torch"], default=None, help="override the suffix")
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, metavar="NAME", help=f"one of {', '.join(task_methods())}")
+    g.add_argument("--method", required=True, metavar="NAME", help=f"one of {', '.join(task_methods(state_only=True))} "
+                   "(mass and neulig are input-dependent modules: Python API only)")
     g.add_argument("--scale", type=float, default=1.0, help="factor on the merged task vector (default: %(default)s)")
     g.add_argument("--density", type=float, default=None,
                    help="fraction of each task vector kept, in (0, 1]: ties, dare, dare_ties (required there)")

@@ -70,8 +70,9 @@ def register_task_method(name: str, *, uses_density: bool = False, options: Mapp
     return deco
 
 
-def task_methods() -> list[str]:
-    return sorted(_METHODS)
+def task_methods(state_only: bool = False) -> list[str]:
+    """Registered method names; state_only: just those that give one state dict (the CLI's)."""
+    return sorted(n for n, m in _METHODS.items() if not (state_only and m.returns_module))
 
 
 def get_task_method(name: Any) -> TaskMethod:
