@@ -669,3 +669,32 @@ def test_kth_largest_is_exact_on_large_tensors_incl_ties():
               torch.zeros(n), torch.rand(n, generator=g) ** 8):
         for k in (1, 7, n // 3, n - 1, n):
             assert kth_largest(x, k) == torch.kthvalue(x, n - k + 1).values, k
+
+
+def test_cli_merge_tasks_plan_file_equals_flags_and_flags_override_it(mlp_ckpts, tmp_path, capsys):
+    """A plan with base, experts (relative to the plan's folder), method and options gives the same
+    checkpoint as the flags; a flag given beside it wins; bad plans are named."""
+    import json
+
+    from hetmerge.checkpoint import load_state
+    from hetmerge.cli import EXIT_USAGE
+
+    plan = mlp_ckpts / "plan.json"
+    plan.write_text(json.dumps({"base": "base.safetensors", "experts": ["e0.safetensors", "e1.safetensors"],
+                                "method": "ties", "density": 0.4, "scale": 0.9}))
+    via_plan, via_flags, overridden = tmp_path / "p.safetensors", tmp_path / "f.safetensors", tmp_path / "o.safetensors"
+    assert _cli(capsys, "merge-tasks", "--plan", plan, "-o", via_plan, "-q")[0] == 0
+    assert _cli(capsys, "merge-tasks", mlp_ckpts / "base.safetensors", mlp_ckpts / "e0.safetensors",
+                mlp_ckpts / "e1.safetensors", "--method", "ties", "--density", "0.4", "--scale", "0.9",
+                "-o", via_flags, "-q")[0] == 0
+    a, b = load_state(via_plan), load_state(via_flags)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert _cli(capsys, "merge-tasks", "--plan", plan, "--density", "0.8", "-o", overridden, "-q")[0] == 0
+    c = load_state(overridden)
+    assert any(not torch.equal(c[k], a[k]) for k in a)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"base": "b.safetensors", "experts": ["e.safetensors"], "methd": "ties"}))
+    code, _, err = _cli(capsys, "merge-tasks", "--plan", bad, "-o", tmp_path / "x.safetensors")
+    assert code == EXIT_USAGE and "'methd' (did you mean 'method'?)" in err
+    code, _, err = _cli(capsys, "merge-tasks", "--method", "ties", "-o", tmp_path / "x.safetensors")
+    assert code == EXIT_USAGE and "give BASE and at least one EXPERT" in err

@@ -1,6 +1,17 @@
 """`hetmerge merge-tasks BASE EXPERT... --method ties --density 0.5 -o OUT`: a thin wrapper over
 hm.tasks.merge_task_states (multi-task merging of experts fine-tuned from one base). The method and
-its options are validated before any checkpoint is read; exit codes as in hetmerge.cli."""
+its options are validated before any checkpoint is read; exit codes as in hetmerge.cli.
+
+A plan file (`--plan FILE`, YAML or JSON) holds the same settings; flags override it, and paths in
+it are relative to the plan's folder:
+
+    base: base.safetensors
+    experts: [rotate.safetensors, mirror.safetensors]
+    method: ties
+    density: 0.3
+    scale: 1.0
+    output: merged.safetensors
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +28,56 @@ __all__ = ["cmd_merge_tasks", "add_parser"]
 
 # flags that map to method options; None = not given, so a method refuses only what was asked for
 _OPTION_FLAGS = ("normalize", "rescale", "rank")
+# plan keys: their flag's dest, and the default when neither the plan nor a flag gives one
+_PLAN_DEFAULTS = {"method": None, "scale": 1.0, "density": None, "seed": 0, "normalize": None, "rescale": None,
+                  "rank": None, "non_float": "error", "arch": None, "sub_key": None, "key_prefix": None,
+                  "allow_nonfinite": False, "format": None, "output": "merged.safetensors"}
+_PLAN_PATHS = ("base", "experts", "output")
+
+
+def _apply_plan(args) -> None:
+    """Fill every setting the command line left unset from --plan (if any), then from the defaults."""
+    from ..plan import PlanError, read_plan_file
+    from ..options import unknown_key_error
+
+    plan: dict = {}
+    if args.plan:
+        plan = read_plan_file(args.plan)
+        root = Path(args.plan).resolve().parent
+        allowed = set(_PLAN_DEFAULTS) | {"base", "experts"}
+        unknown = [k for k in plan if k not in allowed]
+        if unknown:
+            raise unknown_key_error(unknown, allowed, f"plan {args.plan}")
+        for k in _PLAN_PATHS:
+            if k not in plan:
+                continue
+            v = plan[k]
+            if k == "experts":
+                if not isinstance(v, list) or not v or not all(isinstance(e, str) for e in v):
+                    raise PlanError(f"plan {args.plan}: experts must be a non-empty list of checkpoint paths")
+                plan[k] = [str(root / e) for e in v]
+            elif not isinstance(v, str):
+                raise PlanError(f"plan {args.plan}: {k} must be a path, got {v!r}")
+            else:
+                plan[k] = str(root / v)
+    if args.base is None:
+        args.base = plan.get("base")
+    if not args.experts:
+        args.experts = plan.get("experts") or []
+    if args.base is None or not args.experts:
+        raise PlanError("merge-tasks: give BASE and at least one EXPERT, on the command line or as base/experts "
+                        "in --plan")
+    for k, default in _PLAN_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, plan.get(k, default))
+    if args.method is None:
+        raise PlanError("merge-tasks: --method (or method in --plan) is required")
+    for k, kind in (("scale", (int, float)), ("density", (int, float)), ("seed", int), ("rank", int),
+                    ("normalize", bool), ("allow_nonfinite", bool)):
+        v = getattr(args, k)
+        if v is not None and (isinstance(v, bool) != (kind is bool) or not isinstance(v, kind)):
+            raise PlanError(f"plan {args.plan}: {k} must be {'a number' if kind != int and kind != bool else kind.__name__}, "
+                            f"got {v!r}")
 
 
 def _method_options(args) -> dict:
@@ -29,6 +90,7 @@ def cmd_merge_tasks(args, ui: UI) -> int:
     from ..plan import ModelRef, PlanError, parse_arch_arg
     from ..tasks import resolve_method, merge_task_states
 
+    _apply_plan(args)
     opts = _method_options(args)
     try:   # the plan is checked before the heavy work
         resolve_method(args.method, args.scale, args.density, args.seed, opts, for_states=True)
@@ -76,30 +138,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "TIES, DARE, TSV)", description="Multi-task merging: every float tensor becomes "
                        "θ_0 + scale · (the method's combination of the task vectors θ_t − θ_0). "
                        "Methods and options: docs/merge_tasks.md.", epilog=EPILOG)
-    p.add_argument("base", metavar="BASE", help="the pretrained base checkpoint (.safetensors or .pt)")
-    p.add_argument("experts", nargs="+", metavar="EXPERT", help="checkpoints fine-tuned from BASE (same architecture)")
-    p.add_argument("-o", "--output", default="merged.safetensors", metavar="FILE",
-                   help="output checkpoint; .pt/.pth/.bin -> PyTorch, else safetensors (default: %(default)s)")
+    p.add_argument("base", nargs="?", metavar="BASE", help="the pretrained base checkpoint (.safetensors or .pt)")
+    p.add_argument("experts", nargs="*", metavar="EXPERT", help="checkpoints fine-tuned from BASE (same architecture)")
+    p.add_argument("--plan", metavar="FILE", help="plan file (YAML or JSON) with base, experts, method and options; "
+                   "flags override it")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="output checkpoint; .pt/.pth/.bin -> PyTorch, else safetensors (default: merged.safetensors)")
     p.add_argument("--format", choices=["safetensors", "torch"], default=None, help="override the suffix")
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, metavar="NAME", help=f"one of {', '.join(task_methods(state_only=True))} "
+    g.add_argument("--method", metavar="NAME", help=f"one of {', '.join(task_methods(state_only=True))} "
                    "(mass and neulig are input-dependent modules: Python API only)")
-    g.add_argument("--scale", type=float, default=1.0, help="factor on the merged task vector (default: %(default)s)")
+    g.add_argument("--scale", type=float, default=None, help="factor on the merged task vector (default: 1.0)")
     g.add_argument("--density", type=float, default=None,
                    help="fraction of each task vector kept, in (0, 1]: ties, dare, dare_ties (required there)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the DARE drop masks (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the DARE drop masks (default: 0)")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="ties, dare_ties: average the agreeing entries (default) or sum them (--no-normalize)")
     g.add_argument("--rescale", choices=["density", "l1", "none"], default=None,
                    help="dare, dare_ties: rescale survivors by 1/density (default), to the L1 norm (mergekit), or not")
     g.add_argument("--rank", type=int, default=None, help="tsv: singular components kept per task "
                    "(default: min(m, n) / number of experts)")
-    g.add_argument("--non-float", choices=["error", "base"], default="error",
+    g.add_argument("--non-float", choices=["error", "base"], default=None,
                    help="integer tensors that differ from the base's: refuse (default) or keep the base's")
     m = p.add_argument_group("models")
     m.add_argument("--arch", metavar="DESC", help="architecture of all models (as for hetmerge merge; default: auto)")
     layout_args(m)
-    m.add_argument("--allow-nonfinite", action="store_true", help="merge weights holding NaN/inf anyway")
+    m.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge weights holding NaN/inf anyway")
     common_args(p)
     p.set_defaults(func=cmd_merge_tasks)
     return p
