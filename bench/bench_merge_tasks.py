@@ -109,9 +109,10 @@ def acc_routed(model, heads: list, X, y) -> tuple[float, float, torch.Tensor]:
     return hit.float().mean().item(), tasks
 
 
-def run_accuracy(seed: int = 0) -> dict:
+def build_tasks(seed: int = 0):
+    """(base trunk, experts, heads, data) of the digits tasks: data[name] = {"val": (X, y), "test": (X, y)}
+    plus "train"; seeded, so every caller gets the same models."""
     torch.manual_seed(seed)
-    t_start = time.perf_counter()
     split = digits(seed=seed, val_size=300)
     Xtr, ytr, Xva, yva, Xte, yte = split.X_train, split.y_train, split.X_val, split.y_val, split.X_test, split.y_test
     base = trunk()
@@ -128,6 +129,13 @@ def run_accuracy(seed: int = 0) -> dict:
             h.load_state_dict(head0.state_dict())
         fit(m, h, fx(Xtr), fy(ytr), epochs=25, lr=2e-3, seed=seed + i)
         experts[name], heads[name] = m, h
+        data[name]["train"] = (fx(Xtr), fy(ytr))
+    return base, experts, heads, data
+
+
+def run_accuracy(seed: int = 0) -> dict:
+    t_start = time.perf_counter()
+    base, experts, heads, data = build_tasks(seed)
     t_train = time.perf_counter() - t_start
 
     def scores(model, part):
@@ -199,7 +207,7 @@ def run_accuracy(seed: int = 0) -> dict:
 
     # NeuLig: Portland trained on labeled training inputs of every task (the task picks the head in the
     # loss, as in the paper's per-dataset heads); alpha chosen on val; merged and ensemble on test
-    tr = {n: (fx(Xtr[:NEULIG_PER_TASK]), fy(ytr[:NEULIG_PER_TASK])) for n, (fx, fy, _) in TASKS.items()}
+    tr = {n: (data[n]["train"][0][:NEULIG_PER_TASK], data[n]["train"][1][:NEULIG_PER_TASK]) for n in TASKS}
     Xn = torch.cat([tr[n][0] for n in names])
     yn = torch.cat([torch.stack([torch.full_like(tr[n][1], t), tr[n][1]], 1) for t, n in enumerate(names)])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import dare, mass, neulig, task_arithmetic, ties, tsv  # noqa: F401  (each file registers its method)
+from . import dare, mass, merge3, neulig, task_arithmetic, ties, tsv  # noqa: F401  (each file registers its method)
 from .compress import CompressedTasks, compress_tasks
 from .plumbing import check_finite as _check_finite
 from .plumbing import check_inputs, check_density, check_scale, check_seed, merge_states, new_module
@@ -73,6 +73,11 @@ def merge_tasks(base, experts, method: str, scale: float = 1.0, density: float |
                        concatenated outputs) gives per-sample β(x); the model for x is
                        θ_0 + scale · Σ_t β_t(x) τ_t; trained with Adam on option data (options data,
                        loss, alpha, epochs, lr, batch_size, chunk_size)
+      merge3           the base with θ_0 + Σ_t c_t τ_t, c searched by CMA-ES (option data: one (X, y)
+                       per expert; heads, items, generations, popsize, low, high, x0, sigma,
+                       estimator "irt" | "subset" | "full", reference_models, executor); each
+                       candidate answers a small item subset and its full-data accuracy is estimated
+                       with a 2PL IRT model; .merge3 on the result reports the search (scale stays 1)
     base: nn.Module; experts: list of nn.Modules or state dicts with the base's keys and shapes.
     density: in (0, 1] for ties / dare / dare_ties, None for the others. Non-float tensors (step
     counters) must equal the base's (non_float="base": keep the base's). NaN/inf in any input raise
