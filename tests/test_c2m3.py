@@ -210,8 +210,13 @@ def test_objective_is_the_sum_of_pairwise_objectives(widths):
         want = sum(pair_objective(models[i], models[j], r.pair(i, j).maps)
                    for i in range(n) for j in range(i + 1, n))
         assert r.objective == pytest.approx(want, rel=1e-9)
-    # C2M3 starts from the reference solution and only keeps improvements
+    # C2M3 starts from the reference solution and only keeps improvements; the line search never
+    # loses ground (trace: relaxed steps, then rounded, then refined)
     assert res.objective >= ref.objective - 1e-9
+    fw = res.trace[:-2]
+    assert fw[0] == pytest.approx(ref.trace[0], rel=1e-12)
+    assert all(b >= a - 1e-12 for a, b in zip(fw, fw[1:]))
+    assert res.trace[-1] >= res.trace[-2] - 1e-12
 
 
 @pytest.mark.parametrize("kind", ["independent", "noisy copies"])
@@ -256,6 +261,17 @@ def test_line_search_polynomial_matches_the_objective():
     for eta in (0.1, 0.37, 0.8, 1.3):
         want = prob.objective(*prob.forward(at(eta)))
         assert np.polyval(poly[::-1], eta) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_identity_method_is_the_unaligned_baseline():
+    """method="identity": units by position, as hm.merge(..., res=None) pads and crops."""
+    models = [mlp((12, 10), 0), mlp((8, 14), 1), mlp((12, 6), 2)]
+    res = hm.align_many(models, method="identity")
+    x = torch.randn(4, 16)
+    for i, j in itertools.permutations(range(3), 2):
+        a = hm.merge(models[i], models[j], res.pair(i, j), lam=0.4)
+        b = hm.merge(models[i], models[j], None, lam=0.4)
+        assert torch.equal(a(x), b(x))
 
 
 # -- merge_many ------------------------------------------------------------------------------------------

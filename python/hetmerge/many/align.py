@@ -1,5 +1,6 @@
 """hm.align_many: N models into one universe ("c2m3": Frank–Wolfe on the sum of pairwise objectives;
-"reference": every model aligned to model 0 with hm.align, the pairwise baseline)."""
+"reference": every model aligned to model 0 with hm.align, the pairwise baseline; "identity": units by
+position, the unaligned baseline)."""
 from __future__ import annotations
 
 import time
@@ -13,7 +14,7 @@ from .universe import ManyAlignment, Universe, build_universe, check_perms
 
 __all__ = ["align_many", "nested_perms"]
 
-METHODS = ("c2m3", "reference")
+METHODS = ("c2m3", "reference", "identity")
 
 
 def nested_perms(u: Universe, maps0: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -61,7 +62,8 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
       universe of a group is as wide as its widest model, narrower models are zero-padded into it).
     method: "c2m3" (Frank–Wolfe on the sum over all pairs of weight-matching objectives, started from
       "reference", rounded and refined) or "reference" (each model aligned to model 0 with hm.align;
-      every other pair composed through model 0).
+      every other pair composed through model 0), or "identity" (units by position: no alignment,
+      the baseline that hm.merge(..., res=None) is for two models).
     layer_maps: None (hm.align's default pairing of each model with model 0), or a list of N layer
       maps, entry j pairing model 0's layers with model j's (entry 0 None). Every model must pair
       onto the same layers of model 0.
@@ -81,19 +83,23 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
     u = build_universe(models, layer_maps, example_input)
     timings = {"structure": time.perf_counter() - t_start}
     t0 = time.perf_counter()
-    given = layer_maps or [None] * len(u.models)
-    pairwise = [align(u.models[0], u.models[j], layer_map=given[j], seed=seed, max_iter=pairwise_max_iter,
-                      base_spec=u.specs[0], target_spec=u.specs[j]) for j in range(1, len(u.models))]
-    perms = nested_perms(u, [r.maps for r in pairwise])
+    info: dict = {"seed": seed}
+    if method == "identity":
+        perms = {g: [torch.arange(n) for n in ns] for g, ns in u.widths.items()}
+    else:
+        given = layer_maps or [None] * len(u.models)
+        pairwise = [align(u.models[0], u.models[j], layer_map=given[j], seed=seed, max_iter=pairwise_max_iter,
+                          base_spec=u.specs[0], target_spec=u.specs[j]) for j in range(1, len(u.models))]
+        perms = nested_perms(u, [{g: m.cpu() for g, m in r.maps.items()} for r in pairwise])
+        info["pairwise_objectives"] = [r.objective for r in pairwise]
     timings["pairwise"] = time.perf_counter() - t0
     prob = Problem(u)
-    hats, S = prob.forward({g: [perm_matrix(p) for p in ps] for g, ps in perms.items()})
+    hats, S = prob.forward({g: [perm_matrix(p, prob.device) for p in ps] for g, ps in perms.items()})
     f_init = prob.objective(hats, S)
-    info = {"seed": seed, "objective_init": f_init,
-            "pairwise_objectives": [r.objective for r in pairwise]}
-    if method == "reference":
+    info["objective_init"] = f_init
+    if method != "c2m3":
         timings["total"] = time.perf_counter() - t_start
-        return ManyAlignment(u, perms, f_init, [f_init / prob.scale], "reference", 0, True, timings, info)
+        return ManyAlignment(u, perms, f_init, [f_init / prob.scale], method, 0, True, timings, info)
 
     t0 = time.perf_counter()
     P, trace, steps, converged, gap = frank_wolfe(prob, perms, max_iter, tol)
@@ -102,7 +108,7 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
     rounded = round_perms(P)
     check_perms(rounded, u.widths)
     rng = np.random.default_rng(seed)
-    hats, S = prob.forward({g: [perm_matrix(p) for p in ps] for g, ps in rounded.items()})
+    hats, S = prob.forward({g: [perm_matrix(p, prob.device) for p in ps] for g, ps in rounded.items()})
     info.update(objective_relaxed=trace[-1] * prob.scale, objective_rounded=prob.objective(hats, S),
                 fw_gap=gap)
     final, f_final, sweeps = refine(prob, rounded, rng, refine_sweeps)

@@ -34,19 +34,19 @@ def _unit4(t: torch.Tensor, n_axes: int, blocks: tuple) -> torch.Tensor:
     return t.reshape(t.shape[0] // b0, b0, t.shape[1] // b1, -1)
 
 
-def perm_matrix(perm: torch.Tensor) -> torch.Tensor:
+def perm_matrix(perm: torch.Tensor, device=None) -> torch.Tensor:
     """Permutation matrix [slots, units]: P[s, perm[s]] = 1."""
     n = len(perm)
-    P = torch.zeros(n, n, dtype=torch.float64)
-    P[torch.arange(n), perm] = 1.0
+    P = torch.zeros(n, n, dtype=torch.float64, device=device)
+    P[torch.arange(n, device=device), perm.to(device)] = 1.0
     return P
 
 
 def _assign(G: torch.Tensor) -> torch.Tensor:
     """Permutation maximizing <G, P>: slot s -> unit."""
     row, col = ops.linear_assignment(G, maximize=True)
-    perm = torch.empty(G.shape[0], dtype=torch.long)
-    perm[torch.as_tensor(row, dtype=torch.long)] = torch.as_tensor(col, dtype=torch.long)
+    perm = torch.empty(G.shape[0], dtype=torch.long)      # index maps live on the CPU
+    perm[torch.as_tensor(row).long().cpu()] = torch.as_tensor(col).long().cpu()
     return perm
 
 
@@ -57,7 +57,8 @@ class Problem:
         self.u = u
         self.n = len(u.models)
         sds = [m.state_dict() for m in u.models]
-        self.W = [[_unit4(sds[i][t.keys[i]], len(t.groups), t.blocks) for i in range(self.n)]
+        self.device = sds[0][u.terms[0].keys[0]].device if u.terms else torch.device("cpu")
+        self.W = [[_unit4(sds[i][t.keys[i]], len(t.groups), t.blocks).to(self.device) for i in range(self.n)]
                   for t in u.terms]
         size = u.size
         self.shape = []          # universe shape [U0, b0, U1, c] per term
@@ -97,7 +98,7 @@ class Problem:
         hats, S = [], []
         for k in range(len(self.W)):
             hs = [self.hat(k, i, P) for i in range(self.n)]
-            s = torch.zeros(self.shape[k], dtype=torch.float64)
+            s = torch.zeros(self.shape[k], dtype=torch.float64, device=self.device)
             for h in hs:
                 s[:h.shape[0], :, :h.shape[2]] += h
             hats.append(hs)
@@ -112,7 +113,7 @@ class Problem:
     def grad(self, g: str, i: int, P: dict, hats, S) -> torch.Tensor:
         """∂F/∂P_i^g [n_i slots, n_i units]."""
         n = self.u.widths[g][i]
-        G = torch.zeros(n, n, dtype=torch.float64)
+        G = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         for k, d in self.by_group[g]:
             h = hats[k][i]
             R = S[k][:h.shape[0], :, :h.shape[2]] - h
@@ -164,13 +165,13 @@ def frank_wolfe(prob: Problem, perms: dict, max_iter: int, tol: float
     """Frank–Wolfe from the permutations `perms`; returns (relaxed P, trace, steps, converged, gap).
     Stops when the Frank–Wolfe gap <G, D − P> (an upper bound on the remaining gain of the relaxed
     problem) is below tol·|F|, or when the line search finds no gain."""
-    P = {g: [perm_matrix(p) for p in ps] for g, ps in perms.items()}
+    P = {g: [perm_matrix(p, prob.device) for p in ps] for g, ps in perms.items()}
     hats, S = prob.forward(P)
     trace = [prob.objective(hats, S) / prob.scale]
     gap, it = 0.0, 0
     for it in range(1, max_iter + 1):
         G = {g: [prob.grad(g, i, P, hats, S) for i in range(prob.n)] for g in P}
-        D = {g: [perm_matrix(_assign(Gi)) for Gi in Gs] for g, Gs in G.items()}
+        D = {g: [perm_matrix(_assign(Gi), prob.device) for Gi in Gs] for g, Gs in G.items()}
         gap = sum(float((Gi * (Di - Pi)).sum()) for g in P for Gi, Di, Pi in zip(G[g], D[g], P[g]))
         if gap <= tol * max(abs(trace[-1]) * prob.scale, 1e-300):
             return P, trace, it - 1, True, gap
@@ -196,7 +197,7 @@ def refine(prob: Problem, perms: dict, rng: np.random.Generator, max_sweeps: int
     assignment of its gradient (the exact best response: F is linear in Ŵ_i, ∂F/∂Ŵ_i = S − Ŵ_i) and
     keeps it only on a strict gain, so F never decreases. Returns (perms, objective, sweeps)."""
     perms = {g: [p.clone() for p in ps] for g, ps in perms.items()}
-    P = {g: [perm_matrix(p) for p in ps] for g, ps in perms.items()}
+    P = {g: [perm_matrix(p, prob.device) for p in ps] for g, ps in perms.items()}
     hats, S = prob.forward(P)
     blocks = [(g, i) for g in perms for i in range(prob.n)]
     sweeps = 0
@@ -207,7 +208,7 @@ def refine(prob: Problem, perms: dict, rng: np.random.Generator, max_sweeps: int
             new = _assign(prob.grad(g, i, P, hats, S))
             if torch.equal(new, perms[g][i]):
                 continue
-            trial = {**P, g: P[g][:i] + [perm_matrix(new)] + P[g][i + 1:]}
+            trial = {**P, g: P[g][:i] + [perm_matrix(new, prob.device)] + P[g][i + 1:]}
             touched = sorted({k for k, _ in prob.by_group[g]})
             new_hats = {k: prob.hat(k, i, trial) for k in touched}
             # exact change of F when only Ŵ_i moves: Σ_k <S_k − Ŵ_i, Ŵ_i' − Ŵ_i>

@@ -79,7 +79,9 @@ def merge_many(models, res: ManyAlignment, weights=None, fill: str = "zero") -> 
         parts = [a.to(wide)]
         for j, it in enumerate(items, start=1):
             tkey, rows, cols = it[key]
-            b = sds[j][tkey].detach().to(wide)
+            b = sds[j][tkey].detach().to(device=a.device, dtype=wide)
+            rows = None if rows is None else rows.to(a.device)
+            cols = None if cols is None else cols.to(a.device)
             if fill == "zero":
                 parts.append(ops.permute_pad(b, rows, cols))
             else:
