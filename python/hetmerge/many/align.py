@@ -102,7 +102,8 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
         return ManyAlignment(u, perms, f_init, [f_init / prob.scale], method, 0, True, timings, info)
 
     t0 = time.perf_counter()
-    P, trace, steps, converged, gap = frank_wolfe(prob, perms, max_iter, tol)
+    P, trace, etas, converged, gap = frank_wolfe(prob, perms, max_iter, tol)
+    steps = len(etas)
     timings["frank_wolfe"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rounded = round_perms(P)
@@ -110,7 +111,7 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
     rng = np.random.default_rng(seed)
     hats, S = prob.forward({g: [perm_matrix(p, prob.device) for p in ps] for g, ps in rounded.items()})
     info.update(objective_relaxed=trace[-1] * prob.scale, objective_rounded=prob.objective(hats, S),
-                fw_gap=gap)
+                fw_gap=gap, fw_step_sizes=etas)
     final, f_final, sweeps = refine(prob, rounded, rng, refine_sweeps)
     info.update(objective_refined=f_final, refine_sweeps=sweeps)
     if f_init > f_final:

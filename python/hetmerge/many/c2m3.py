@@ -161,30 +161,32 @@ def _best_step(poly: np.ndarray) -> float:
 
 
 def frank_wolfe(prob: Problem, perms: dict, max_iter: int, tol: float
-                ) -> tuple[dict, list[float], int, bool, float]:
-    """Frank–Wolfe from the permutations `perms`; returns (relaxed P, trace, steps, converged, gap).
+                ) -> tuple[dict, list[float], list[float], bool, float]:
+    """Frank–Wolfe from the permutations `perms`; returns (relaxed P, trace, step sizes η, converged,
+    last gap).
     Stops when the Frank–Wolfe gap <G, D − P> (an upper bound on the remaining gain of the relaxed
     problem) is below tol·|F|, or when the line search finds no gain."""
     P = {g: [perm_matrix(p, prob.device) for p in ps] for g, ps in perms.items()}
     hats, S = prob.forward(P)
     trace = [prob.objective(hats, S) / prob.scale]
-    gap, it = 0.0, 0
-    for it in range(1, max_iter + 1):
+    gap, etas = 0.0, []
+    for _ in range(max_iter):
         G = {g: [prob.grad(g, i, P, hats, S) for i in range(prob.n)] for g in P}
         D = {g: [perm_matrix(_assign(Gi), prob.device) for Gi in Gs] for g, Gs in G.items()}
         gap = sum(float((Gi * (Di - Pi)).sum()) for g in P for Gi, Di, Pi in zip(G[g], D[g], P[g]))
         if gap <= tol * max(abs(trace[-1]) * prob.scale, 1e-300):
-            return P, trace, it - 1, True, gap
+            return P, trace, etas, True, gap
         half = {g: [(Pi + Di) / 2 for Pi, Di in zip(P[g], D[g])] for g in P}
         hats_h, S_h = prob.forward(half)
         hats_1, S_1 = prob.forward(D)
         eta = _best_step(_quartic(hats, S, hats_h, S_h, hats_1, S_1))
         if eta <= 0.0:
-            return P, trace, it - 1, True, gap
+            return P, trace, etas, True, gap
+        etas.append(eta)
         P = {g: [Pi + eta * (Di - Pi) for Pi, Di in zip(P[g], D[g])] for g in P}
         hats, S = prob.forward(P)
         trace.append(prob.objective(hats, S) / prob.scale)
-    return P, trace, it, False, gap
+    return P, trace, etas, False, gap
 
 
 def round_perms(P: dict) -> dict:
