@@ -367,6 +367,8 @@ def test_other_bad_inputs():
         hm.align_many(models, method="pairwise")
     with pytest.raises(ValueError, match="max_iter"):
         hm.align_many(models, max_iter=-1)
+    with pytest.raises(ValueError, match="tol"):
+        hm.align_many(models, tol=float("nan"))
     res = hm.align_many(models, method="reference")
     with pytest.raises(IndexError, match="j = 3"):
         res.pair(0, 3)

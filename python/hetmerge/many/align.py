@@ -79,6 +79,8 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
                     ("pairwise_max_iter", pairwise_max_iter)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name}: must be an int >= 0, got {v!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+        raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
     t_start = time.perf_counter()
     u = build_universe(models, layer_maps, example_input)
     timings = {"structure": time.perf_counter() - t_start}

@@ -164,8 +164,8 @@ def frank_wolfe(prob: Problem, perms: dict, max_iter: int, tol: float
                 ) -> tuple[dict, list[float], list[float], bool, float]:
     """Frank–Wolfe from the permutations `perms`; returns (relaxed P, trace, step sizes η, converged,
     last gap).
-    Stops when the Frank–Wolfe gap <G, D − P> (an upper bound on the remaining gain of the relaxed
-    problem) is below tol·|F|, or when the line search finds no gain."""
+    Stops when the Frank–Wolfe gap <G, D − P> (the first-order gain toward the best vertex; zero at
+    a stationary point) is below tol·|F|, or when the line search finds no gain."""
     P = {g: [perm_matrix(p, prob.device) for p in ps] for g, ps in perms.items()}
     hats, S = prob.forward(P)
     trace = [prob.objective(hats, S) / prob.scale]
