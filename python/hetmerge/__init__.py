@@ -45,4 +45,6 @@ __all__ += ["PermSpec", "SpecError", "trace_spec", "register_handler", "Alignmen
             "AssemblyResult", "AssemblyStep", "assemble"]
 from .tasks import compress_tasks, merge_tasks  # noqa: E402  (multi-task merging)
 __all__ += ["merge_tasks", "compress_tasks"]
+from .many import ManyAlignment, align_many, merge_many  # noqa: E402  (N models, one universe: C2M3)
+__all__ += ["align_many", "merge_many", "ManyAlignment"]
 # ---- end of the Python layer's block ------------------------------------------------------------
