@@ -152,7 +152,7 @@ def part_vit(seeds, steps):
     Xtr, ytr = d.X_train, d.y_train
 
     def batches(model, g):
-        idx = torch.randint(0, len(ytr), (128,), generator=g)
+        idx = torch.randint(0, len(ytr), (64,), generator=g)
         return F.cross_entropy(model(pixel_values=Xtr[idx]).logits, ytr[idx])
 
     def trained(seed, **kw):
@@ -160,7 +160,7 @@ def part_vit(seeds, steps):
 
     val, test = (d.X_val, d.y_val), (d.X_test, d.y_test)
     print(f"\nViT on sklearn digits (8×8, patch 2: 16 tokens + CLS; {len(ytr)} train, {len(d.y_val)} val, "
-          f"{len(d.y_test)} test; {steps} AdamW steps of 128; metric: test accuracy)\n")
+          f"{len(d.y_test)} test; {steps} AdamW steps of 64; metric: test accuracy)\n")
     header("acc")
     a, b = trained(seeds[0]), trained(seeds[1])
     row("d64 h4 L4, seeds 0/1", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], vit_metrics, val, test), True),

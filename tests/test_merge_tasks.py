@@ -698,3 +698,49 @@ def test_cli_merge_tasks_plan_file_equals_flags_and_flags_override_it(mlp_ckpts,
     assert code == EXIT_USAGE and "'methd' (did you mean 'method'?)" in err
     code, _, err = _cli(capsys, "merge-tasks", "--method", "ties", "-o", tmp_path / "x.safetensors")
     assert code == EXIT_USAGE and "give BASE and at least one EXPERT" in err
+
+
+@pytest.mark.parametrize("method,kw", [("ties", {"density": 0.3}), ("task_arithmetic", {"scale": 0.7}),
+                                       ("dare_ties", {"density": 0.5, "seed": 3})])
+def test_directory_merge_streams_the_same_tensors(llamas, tmp_path, method, kw):
+    """merge_tasks_hf on Hugging Face directories equals merge_tasks on the loaded models, tensor by
+    tensor, and the CLI takes directories the same way; the output loads with transformers."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from hetmerge.tasks import merge_tasks_hf
+
+    out = merge_tasks_hf(llamas / "base", [llamas / "expert0", llamas / "expert1"], tmp_path / "m", method, **kw)
+    b, es = _hm_models(llamas)
+    want = hm.merge_tasks(b, es, method, **kw).state_dict()
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        got.update(load_file(f))
+    assert set(got) == {k for k in want if k in got} and len(got) >= len(want) - 1
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    assert LlamaForCausalLM.from_pretrained(out) is not None
+    flags = [f"--{k}" if k != "scale" else "--scale" for k in kw]
+    argv = ["merge-tasks", llamas / "base", llamas / "expert0", llamas / "expert1", "--method", method, "-q",
+            "-o", tmp_path / "cli"]
+    for k, v in kw.items():
+        argv += [f"--{k}", str(v)]
+    from hetmerge.cli import main
+    assert main([str(a) for a in argv]) == 0
+    cli = {}
+    for f in sorted((tmp_path / "cli").glob("*.safetensors")):
+        cli.update(load_file(f))
+    assert all(torch.equal(cli[k], got[k]) for k in got)
+
+
+def test_directory_merge_refuses_other_architectures(llamas, tmp_path):
+    import transformers
+
+    from hetmerge.tasks import merge_tasks_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"experts\[1\]\['model.layers.0.mlp.down_proj.weight'\]: shape"):
+        merge_tasks_hf(llamas / "base", [llamas / "expert0", tmp_path / "other"], tmp_path / "m", "task_arithmetic")
+    assert not (tmp_path / "m").exists()

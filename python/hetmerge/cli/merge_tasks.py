@@ -97,8 +97,10 @@ def cmd_merge_tasks(args, ui: UI) -> int:
     except (TypeError, ValueError) as exc:
         raise PlanError(str(exc)) from None
     out = Path(args.output)
-    fmt = args.format or ("torch" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
     paths = [Path(args.base)] + [Path(e) for e in args.experts]
+    if paths[0].is_dir():
+        return _merge_tasks_dirs(args, ui, paths, out, opts)
+    fmt = args.format or ("torch" if out.suffix.lower() in (".pt", ".pth", ".bin") else "safetensors")
     for role, p in zip(["base"] + [f"expert {i}" for i in range(len(args.experts))], paths):
         if not p.exists():
             raise FileNotFoundError(f"{role}: {p}: no such file")
@@ -128,6 +130,34 @@ def cmd_merge_tasks(args, ui: UI) -> int:
     ui.out(f"merged {len(experts)} experts into {paths[0].name} with {args.method} (scale={args.scale}{extra}, "
            f"seed={args.seed}, {time.perf_counter() - t0:.2f} s): the result has the base's architecture")
     ui.out(f"wrote {out} ({fmt})")
+    return EXIT_OK
+
+
+def _merge_tasks_dirs(args, ui: UI, paths: list[Path], out: Path, opts: dict) -> int:
+    """Hugging Face directories: streamed tensor by tensor (hm.tasks.merge_tasks_hf)."""
+    from ..hf import HFError, HFState
+    from ..tasks import merge_tasks_hf
+
+    for i, p in enumerate(paths[1:]):
+        if not p.is_dir():
+            raise FileNotFoundError(f"expert {i}: {p}: not a Hugging Face directory (the base is one)")
+    check_output(out, [("base", paths[0])] + [(f"expert {i}", p) for i, p in enumerate(paths[1:])],
+                 "output folder", folder=True)
+    t0 = time.perf_counter()
+    bar = ui.bar(total=len(HFState(paths[0]).meta()), desc=args.method, unit="tensor")
+    try:
+        merge_tasks_hf(paths[0], paths[1:], out, args.method, args.scale, args.density, args.seed,
+                       check_finite=not args.allow_nonfinite, non_float=args.non_float,
+                       progress=lambda *_: bar.update(1), **opts)
+    except HFError:     # files: missing shards, unreadable checkpoints (exit 3)
+        raise
+    except ValueError as exc:   # architectures, shapes, values of the inputs (exit 4)
+        raise IncompatibleError(str(exc)) from None
+    finally:
+        bar.close()
+    ui.out(f"merged {len(paths) - 1} expert directories into {paths[0]} with {args.method} "
+           f"({time.perf_counter() - t0:.2f} s, streamed tensor by tensor)")
+    ui.out(f"wrote {out}/")
     return EXIT_OK
 
 

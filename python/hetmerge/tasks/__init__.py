@@ -14,11 +14,12 @@ from typing import Any
 
 from . import dare, mass, merge3, neulig, task_arithmetic, ties, tsv  # noqa: F401  (each file registers its method)
 from .compress import CompressedTasks, compress_tasks
+from .stream import merge_tasks_hf
 from .plumbing import check_finite as _check_finite
 from .plumbing import check_inputs, check_density, check_scale, check_seed, merge_states, new_module
 from .registry import ModuleContext, TaskMethod, TensorContext, get_task_method, register_task_method, task_methods
 
-__all__ = ["merge_tasks", "merge_task_states", "resolve_method", "compress_tasks", "CompressedTasks", "register_task_method",
+__all__ = ["merge_tasks", "merge_task_states", "merge_tasks_hf", "resolve_method", "compress_tasks", "CompressedTasks", "register_task_method",
            "task_methods", "get_task_method", "TaskMethod", "TensorContext", "ModuleContext"]
 
 
