@@ -45,4 +45,6 @@ __all__ += ["PermSpec", "SpecError", "trace_spec", "register_handler", "Alignmen
             "AssemblyResult", "AssemblyStep", "assemble"]
 from .tasks import compress_tasks, merge_tasks  # noqa: E402  (multi-task merging)
 __all__ += ["merge_tasks", "compress_tasks"]
+from .repair import repair  # noqa: E402  (REPAIR; hm.merge(..., repair=X) calls it)
+__all__ += ["repair"]
 # ---- end of the Python layer's block ------------------------------------------------------------
