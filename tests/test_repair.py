@@ -56,9 +56,10 @@ def check_postcondition(base, target, res, merged, lam, X, pairs, link_of, rtol=
     st = ref_stats(target, [t for _, t in pairs], X)
     sm = ref_stats(merged, [b for b, _ in pairs], X)
     for b, t in pairs:
+        x = lam[b] if isinstance(lam, dict) else lam
         mt, sdt = aligned_target_stats(st[t], res.maps[link_of[b]])
-        goal_m = (1 - lam) * sb[b][0] + lam * mt
-        goal_s = (1 - lam) * sb[b][1] + lam * sdt
+        goal_m = (1 - x) * sb[b][0] + x * mt
+        goal_s = (1 - x) * sb[b][1] + x * sdt
         m, s = sm[b]
         live = s > 1e-9
         assert live.any()
@@ -93,6 +94,16 @@ def test_repaired_mlp_units_have_interpolated_statistics(lam):
                             {"fc0": "fc0", "fc1": "fc1"})
 
 
+def test_per_layer_lambda_goals():
+    base, target = mlp64([12, 9], 23), mlp64([12, 9], 24)
+    X = torch.randn(150, 6, dtype=torch.float64)
+    res = hm.align(base, target)
+    lam = {"fc0": 0.2, "fc1": 0.7}
+    merged = hm.merge(base, target, res, lam, repair=X)
+    check_postcondition(base, target, res, merged, lam, X, [("fc0", "fc0"), ("fc1", "fc1")],
+                        {"fc0": "fc0", "fc1": "fc1"})
+
+
 def test_batches_give_the_statistics_of_the_whole_data():
     # an iterable of unequal batches with shifted means: pooled statistics, not an average of per-batch ones
     base, target = mlp64([8, 8], 2), mlp64([8, 8], 3)
@@ -105,6 +116,20 @@ def test_batches_give_the_statistics_of_the_whole_data():
     with_labels = hm.merge(base, target, res, 0.5, repair=(X, torch.zeros(len(X), dtype=torch.long)))
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(with_labels.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_residual_mlp_each_layer_output_is_repaired():
+    # the residual stream is one group shared by the stem and each block's last Linear: each of those
+    # layers' own outputs gets the goal (not the sum h + block(h))
+    torch.manual_seed(22)
+    base, target = (models.res_mlp(6, 10, 2, 3, hidden=7).double().eval() for _ in range(2))
+    X = torch.randn(200, 6, dtype=torch.float64)
+    res = hm.align(base, target)
+    merged = hm.merge(base, target, res, 0.5, repair=X)
+    layers = ["stem", "blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
+    check_postcondition(base, target, res, merged, 0.5, X, [(n, n) for n in layers],
+                        {"stem": "stem", "blocks.0.0": "blocks.0.0", "blocks.0.2": "stem",
+                         "blocks.1.0": "blocks.1.0", "blocks.1.2": "stem"})
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])

@@ -38,7 +38,9 @@ Cases:
   measured and corrected, the correction folded into γ and β (both ends' BatchNorms are used as
   they are); a no-op at λ = 0 and 1 like the BatchNorm-free case.
 - Layers the pairing leaves out (different depths) keep their weights and statistics; λ = 0 layers of
-  a per-layer λ are corrected toward the base's statistics like any paired layer.
+  a per-layer λ are corrected toward the base's statistics like any paired layer. A BatchNorm is
+  recognised through the pairing (its running statistics paired with the layer's), so one that only
+  the base has is left alone and its layer is treated as BatchNorm-free.
 - Extrapolated λ (outside [0, 1]) can make std_goal negative: it is clamped at 0.
 
 Cost: one forward of X through each end, and one (stopped at the layer) per corrected layer of the
@@ -55,7 +57,6 @@ import torch.nn as nn
 
 from .data import DataError
 from .merging import layer_lams, resolve
-from .trace import as_spec
 
 __all__ = ["RepairError", "Repairer", "repair", "unit_stats", "sweep_repaired"]
 
@@ -173,12 +174,12 @@ def unit_stats(model: nn.Module, paths: list[str], data, what: str = "data",
                 pass
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise RepairError(f"{what}: batch {i} of shape {tuple(x.shape)} does not fit the model: "
-                                 f"{str(exc).splitlines()[0]}") from None
+                                  f"{str(exc).splitlines()[0]}") from None
             runs = {p: a.calls - before[p] for p, a in accs.items()}
             bad = [p for p, n in runs.items() if n != 1]
             if bad:
                 raise RepairError(f"{what}: module {bad[0]!r} ran {runs[bad[0]]} times in one forward; "
-                                 "REPAIR needs exactly one output per layer")
+                                  "REPAIR needs exactly one output per layer")
     finally:
         for h in handles:
             h.remove()
@@ -194,37 +195,35 @@ def unit_stats(model: nn.Module, paths: list[str], data, what: str = "data",
 
 
 def _hidden_layers(base: nn.Module, target: nn.Module, pairing, bn: str) -> list[_Hidden]:
-    """Paired Linear/Conv layers whose output axis is a hidden (free) group, shallow to deep."""
-    spec = as_spec(base)
+    """Paired Linear/Conv layers whose output link is solved (a hidden group, not the model's
+    output), shallow to deep, read from the pairing alone (hand-written specs work too)."""
     bmods, tmods = dict(base.named_modules()), dict(target.named_modules())
     by_key = {pp.base_key: pp for pp in pairing.params}
     out = []
-    for layer in spec.layers:
-        wkey = layer.params.get("weight")
-        if layer.name not in pairing.layer_map or wkey not in by_key:
-            continue
-        if spec.is_fixed(spec.axis_group(wkey, 0)):
-            continue   # writes the model's output: no hidden units
-        path = wkey.rpartition(".")[0]
-        pp = by_key[wkey]
-        tpath = pp.target_key.rpartition(".")[0]
+    for name in pairing.base_layers or list(pairing.layer_map):
+        pp = by_key.get(f"{name}.weight")
+        if name not in pairing.layer_map or pp is None or not pairing.links[pp.links[0]].free:
+            continue   # unpaired, or writes the model's output: no hidden units
+        path, tpath = name, pp.target_key.rpartition(".")[0]
         for side, p, mod in (("base", path, bmods.get(path)), ("target", tpath, tmods.get(tpath))):
             if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or \
                     isinstance(mod, nn.modules.conv._ConvTransposeNd):
                 raise RepairError(f"repair: {side} layer {p!r} is a {type(mod).__name__}; REPAIR corrects "
-                                 "Linear and Conv layers only (merge without repair=)")
-        rm = layer.params.get("norm.running_mean")
-        norm = rm.rpartition(".")[0] if rm is not None else None
-        if norm is None or not isinstance(bmods.get(norm), nn.modules.batchnorm._BatchNorm):
-            out.append(_Hidden(layer.name, path, tpath, pp.links[0], None))
+                                  "Linear and Conv layers only (merge without repair=)")
+        # a BatchNorm after the layer: its running statistics are paired with the layer's
+        norms = [q.base_key.rpartition(".")[0] for q in pairing.params if q.layer == name and
+                 q.base_key.endswith(".running_mean") and
+                 isinstance(bmods.get(q.base_key.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            out.append(_Hidden(name, path, tpath, pp.links[0], None))
         elif bn == "reset":
-            out.append(_Hidden(layer.name, path, tpath, pp.links[0], norm))
+            out.append(_Hidden(name, path, tpath, pp.links[0], norms[0]))
         else:   # bn="repair": the BatchNorm's output is the pre-activation; fold into γ, β
-            tw = by_key.get(layer.params.get("norm.weight"))
-            if tw is None or bmods[norm].weight is None:
-                raise RepairError(f"repair: bn='repair' needs an affine BatchNorm {norm!r} in the base paired "
-                                 "with one in the target; use bn='reset'")
-            out.append(_Hidden(layer.name, norm, tw.target_key.rpartition(".")[0], tw.links[0], None))
+            tw = by_key.get(f"{norms[0]}.weight")
+            if tw is None:
+                raise RepairError(f"repair: bn='repair' needs an affine BatchNorm {norms[0]!r} in the base "
+                                  "paired with one in the target; use bn='reset'")
+            out.append(_Hidden(name, norms[0], tw.target_key.rpartition(".")[0], tw.links[0], None))
     return out
 
 
@@ -250,8 +249,8 @@ class Repairer:
         self.types = {h.base_path: type(bmods[h.base_path]) for h in self.layers}
         if not self.layers:
             raise RepairError("repair: the models have no paired hidden layer (every paired layer writes the "
-                             f"model's output; paired layers: {list(self.pairing.layer_map)}), so there are no "
-                             "hidden units whose statistics REPAIR could restore")
+                              f"model's output; paired layers: {list(self.pairing.layer_map)}), so there are no "
+                              "hidden units whose statistics REPAIR could restore")
         sb = unit_stats(base, [h.base_path for h in self.layers], self.batches, "repair")
         st = unit_stats(target, sorted({h.target_path for h in self.layers}), self.batches, "repair")
         self.ends: dict[str, tuple] = {}
@@ -283,7 +282,7 @@ class Repairer:
             mod = mods.get(h.base_path)
             if type(mod) is not self.types[h.base_path]:
                 raise RepairError(f"repair: the merged model has no {self.types[h.base_path].__name__} "
-                                 f"{h.base_path!r} like the base's; pass a merge of this pair (base architecture)")
+                                  f"{h.base_path!r} like the base's; pass a merge of this pair (base architecture)")
             mean_m, std_m = unit_stats(merged, [h.base_path], self.batches, "repair", stop=True)[h.base_path]
             if h.bn_path is not None:
                 bn = mods[h.bn_path]
