@@ -80,10 +80,13 @@ def row(name, dataset, split, s, lambdas):
            "acc A": 100 * models.accuracy(a, Xte, yte), "acc B": 100 * models.accuracy(b, Xte, yte),
            "barrier": plain.barrier, "barrier R": fixed.barrier,
            "acc½": 100 * float(plain.acc[i]), "acc½ R": 100 * float(fixed.acc[i]),
-           "acc½ R bn=repair": None, "sweep s": t1 - t0, "sweep R s": t2 - t1}
-    if bn:   # the alternative for BatchNorm nets: correct the BatchNorm output instead of resetting it
+           "acc½ R bn=repair": None, "barrier bn_data": None, "sweep s": t1 - t0, "sweep R s": t2 - t1}
+    if bn:
+        # the alternative for BatchNorm nets: correct the BatchNorm output instead of resetting it
         m = hm.repair(hm.merge(a, b, res, 0.5), a, b, res, 0.5, Xtr, bn="repair")
         out["acc½ R bn=repair"] = 100 * models.accuracy(m, Xte, yte)
+        # hetmerge's existing baseline: BatchNorm statistics re-estimated per λ, no rescale
+        out["barrier bn_data"] = hm.sweep(a, b, res, lambdas, data=(Xte, yte), bn_data=(Xtr, ytr)).barrier
     return out
 
 
