@@ -393,3 +393,18 @@ def test_cli_rejects_bad_repair_data(ckpts, capsys):
     code, _, err = run(capsys, *args, "--repair", d / "empty.npz")
     assert code == EXIT_INCOMPATIBLE and "repair: the data holds no samples" in err
     assert not (d / "m.safetensors").exists()
+
+
+def test_repair_data_reads_the_training_part(tmp_path):
+    from hetmerge.data import load_eval_data
+    model = models.mlp(4, [3], 2)
+    np.savez(tmp_path / "d.npz", X_train=np.ones((3, 4), np.float32), y_train=np.zeros(3, np.int64),
+             X_test=np.zeros((2, 4), np.float32), y_test=np.zeros(2, np.int64))
+    X, _ = load_eval_data(str(tmp_path / "d.npz"), model, "cpu", "repair", split="train")
+    assert X.shape == (3, 4) and bool((X == 1).all())
+    X, _ = load_eval_data(str(tmp_path / "d.npz"), model, "cpu")
+    assert X.shape == (2, 4)
+    Xd, _ = load_eval_data("digits", models.mlp(64, [3], 10), "cpu", "repair", split="train")
+    torch.testing.assert_close(Xd, hm.data.digits().X_train)
+    with pytest.raises(ValueError, match="split"):
+        load_eval_data("digits", model, "cpu", split="val")
