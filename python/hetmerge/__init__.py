@@ -47,4 +47,6 @@ from .tasks import compress_tasks, merge_tasks  # noqa: E402  (multi-task mergin
 __all__ += ["merge_tasks", "compress_tasks"]
 from .many import ManyAlignment, align_many, merge_many  # noqa: E402  (N models, one universe: C2M3)
 __all__ += ["align_many", "merge_many", "ManyAlignment"]
+from .repair import repair  # noqa: E402  (REPAIR; hm.merge(..., repair=X) calls it)
+__all__ += ["repair"]
 # ---- end of the Python layer's block ------------------------------------------------------------

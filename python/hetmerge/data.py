@@ -102,24 +102,28 @@ class DataError(ValueError):
     """Evaluation data that does not fit the model (features, layout) or cannot be read."""
 
 
-def load_eval_data(spec: str | None, example_model, device: str, what: str = "data"):
+def load_eval_data(spec: str | None, example_model, device: str, what: str = "data", split: str = "test"):
     """(X, y) test tensors for 'digits', 'mnist1d' or a .npz (X_test/y_test if present, else X/y),
-    reshaped to the model's input when only the layout differs (flat digits for an 8x8 CNN)."""
+    reshaped to the model's input when only the layout differs (flat digits for an 8x8 CNN).
+    split="train": the training part instead (X_train/y_train of a .npz if present, else X/y), for
+    data that fits something to the models (REPAIR statistics) rather than evaluating them."""
 
     if spec is None:
         return None
+    if split not in ("test", "train"):
+        raise ValueError(f"split: expected 'test' or 'train', got {split!r}")
     if spec in ("digits", "mnist1d"):
-        split = digits() if spec == "digits" else mnist1d()
-        X, y = split.X_test, split.y_test
+        parts = digits() if spec == "digits" else mnist1d()
+        X, y = (parts.X_test, parts.y_test) if split == "test" else (parts.X_train, parts.y_train)
     else:
         p = Path(spec)
         if not p.exists():
             raise FileNotFoundError(f"{what}: {p}: no such file")
         try:
             with np.load(p, allow_pickle=False) as z:   # no pickles from data files either
-                xk, yk = ("X_test", "y_test") if "X_test" in z else ("X", "y")
+                xk, yk = (f"X_{split}", f"y_{split}") if f"X_{split}" in z else ("X", "y")
                 if xk not in z or yk not in z:
-                    raise DataError(f"{what}: {p} needs arrays X and y (or X_test and y_test); "
+                    raise DataError(f"{what}: {p} needs arrays X and y (or X_{split} and y_{split}); "
                                             f"it has {sorted(z.files)}")
                 X, y = torch.from_numpy(z[xk]).float(), torch.from_numpy(z[yk]).long()
         except (ValueError, OSError) as exc:

@@ -29,6 +29,7 @@ class SweepResult:
     of the base's (λ = 0).
     target_*: the same on target-domain data, when given.
     bn_reset: whether BatchNorm statistics were re-estimated for each λ.
+    repaired: whether each λ's merge was REPAIRed (sweep(repair=...)).
     """
     lambdas: torch.Tensor
     loss: torch.Tensor
@@ -41,6 +42,7 @@ class SweepResult:
     bn_reset: bool = False
     tol: float = 0.01
     timings: dict = field(default_factory=dict)
+    repaired: bool = False
 
 
 def barrier(lambdas: torch.Tensor, loss: torch.Tensor, loss0: float, loss1: float) -> float:
@@ -262,7 +264,7 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
           target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
           loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
           max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True, extrapolate: bool = False,
-          max_act_bytes: int = 1 << 24) -> SweepResult:
+          max_act_bytes: int = 1 << 24, repair: Any = None) -> SweepResult:
     """Evaluate the merge of `target` into `base` at K merging factors at once.
 
     res: AlignResult, or None for the unaligned baseline (maps by position).
@@ -280,6 +282,8 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
       layer and runs slower than K separate single-model forwards.
     mix_inputs: run the layers that read the model input once at each end of the path and mix
       (f(x; (1-λ)A + λB) = (1-λ) f(x; A) + λ f(x; B) for Linear/Conv): 2 evaluations instead of K.
+    repair: data X (tensor, (X, y) or batches): each λ's merge is REPAIRed on it before evaluation,
+      the K models one by one instead of batched (cost: repair.sweep_repaired).
     """
     if data is None:
         raise ValueError("sweep: data= (base-domain (X, y) or batches) is required")
@@ -331,8 +335,12 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     sums = {d: (torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64), [0])
             for d, _ in domains}
     t_interp = t_fwd = 0.0
+    if repair is not None:   # one model at a time; the batched loop below is skipped
+        from .repair import sweep_repaired
+        t_interp, t_fwd = sweep_repaired(base, target, pairing, maps, fill, extrapolate, repair, bn_data, lam_all,
+                                         domains, sums, loss_fn, lambda dd: _batches(dd, batch_size))
     with torch.no_grad():
-        for s in range(0, K, chunk):
+        for s in (range(0, K, chunk) if repair is None else ()):
             lam = lam_all[s:s + chunk]
             t0 = time.perf_counter()
             stacked = {}
@@ -382,6 +390,7 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
                        lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol,
                        timings={"interpolate": t_interp, "forward": t_fwd,
                                 "total": time.perf_counter() - t_start})
+    res_.repaired = repair is not None
     if "target" in out:
         res_.target_loss, res_.target_acc, res_.target_barrier, _ = out["target"]
     return res_

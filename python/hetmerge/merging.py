@@ -213,7 +213,7 @@ def stream_merge(base, target, out_path: str | os.PathLike, items, fill: str = "
 
 
 def merge(base: nn.Module, target: nn.Module, res=None, lam=0.5, fill: str = "zero",
-          layer_map=None, extrapolate: bool = False) -> nn.Module:
+          layer_map=None, extrapolate: bool = False, repair: Any = None) -> nn.Module:
     """A new module with the base's architecture: every paired tensor becomes
     ``ops.interpolate(base, target, [λ], maps, fill)``; other tensors are the base's.
 
@@ -221,6 +221,8 @@ def merge(base: nn.Module, target: nn.Module, res=None, lam=0.5, fill: str = "ze
     lam: float in [0, 1], or {base layer: λ} (unlisted layers keep the base's weights; 0 = base).
     extrapolate: allow λ outside [0, 1] ((1 - λ)·A + λ·T(B) all the same).
     fill: "zero" (padded target units are zero) or "base" (padding keeps the base's value).
+    repair: data X (a tensor, (X, y), or an iterable of batches): REPAIR the merge on it, i.e. give
+      every paired hidden unit the interpolated mean and std of the ends' on X (hetmerge.repair).
     base and target are left untouched.
     """
     if fill not in ("zero", "base"):
@@ -233,6 +235,9 @@ def merge(base: nn.Module, target: nn.Module, res=None, lam=0.5, fill: str = "ze
         new[item.base_key] = merge_tensor(item, sa, sb, fill=fill)[0]
     merged = copy.deepcopy(base)
     merged.load_state_dict(new)
+    if repair is not None:
+        from .repair import Repairer
+        Repairer(base, target, res, repair, fill, layer_map)(merged, lam, extrapolate)
     return merged
 
 

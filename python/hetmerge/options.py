@@ -166,6 +166,9 @@ class Options:
     data: Any = opt(None, "evaluation data (sweep, activation matching): digits, mnist1d, none or a .npz "
                     "with X, y", _data, "NAME|NPZ")
     target_data: Any = opt(None, "target-domain data for the sweep (same forms as --data)", _data, "NAME|NPZ")
+    repair: Any = opt(None, "REPAIR each merge on this data: every hidden unit gets the interpolated mean and std "
+                      "of the two models' (docs/repair.md); digits, mnist1d (their training part), none or a .npz "
+                      "with X, y (X_train, y_train if present)", _data, "NAME|NPZ")
     batch_size: int = opt(2048, "evaluation batch size", _int(1), "N")
     device: str = opt("cpu", "device for alignment and sweeps: cpu, cuda, cuda:N", _device)
     allow_nonfinite: bool = opt(False, "accept weights holding NaN or ±inf (refused by default: they poison the "

@@ -58,7 +58,7 @@ class Plan:
 
 
 _MODEL_KEYS = {"arch", "weights", "sub_key", "key_prefix"}
-_PATH_OPTIONS = ("data", "target_data")     # option keys whose value may be a file
+_PATH_OPTIONS = ("data", "target_data", "repair")     # option keys whose value may be a file
 _PLAN_KEYS = {"base", "target", "layer_map", "alignment"}
 
 

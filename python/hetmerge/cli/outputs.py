@@ -42,7 +42,7 @@ def plan_inputs(plan) -> list:
     """[(role, path)] of every file a plan reads."""
     ins = [("base weights", plan.base.weights), ("target weights", plan.target.weights),
            ("alignment", plan.alignment), ("plan", plan.path)]
-    for k in ("data", "target_data"):
+    for k in ("data", "target_data", "repair"):
         v = getattr(plan.options, k)
         if isinstance(v, str) and v.endswith(".npz"):
             ins.append((k, Path(v)))

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--format", choices=["safetensors", "torch"], default=None, help="override the suffix")
     m.add_argument("--no-stream", action="store_true", help="merge in memory even when streaming is possible")
     add_option_flags(m, only=["lam", "fill", "method", "objective", "restarts", "max_iter", "tol", "seed", "data",
-                              "allow_nonfinite"])
+                              "repair", "allow_nonfinite"])
     common_args(m)
     m.set_defaults(func=cmd_merge)
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s, positional_required=False)
     s.add_argument("--alignment", metavar="FILE", help="alignment file from hetmerge align (default: align now)")
     s.add_argument("-o", "--output", default="hetmerge-sweep", metavar="DIR", help="(default: %(default)s)")
-    add_option_flags(s, only=["data", "target_data", "lambdas", "acc_tol", "fill", "batch_size", "device", "method",
+    add_option_flags(s, only=["data", "target_data", "repair", "lambdas", "acc_tol", "fill", "batch_size", "device", "method",
                               "objective", "restarts", "max_iter", "tol", "seed", "allow_nonfinite"])
     common_args(s)
     s.set_defaults(func=cmd_sweep)

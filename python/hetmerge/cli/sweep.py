@@ -36,6 +36,7 @@ def cmd_sweep(args, ui: UI) -> int:
         ui.warn(w)
     data = load_eval_data(o.data, base, dev)
     tdata = load_eval_data(o.target_data, base, dev, "target_data")
+    repair = load_eval_data(o.repair, base, dev, "repair", split="train")
     alignment, res = alignment_for(plan, base, target, pairing, ui, data)
     trace = list(res.trace) if res is not None else []   # empty when the maps came from a file
     lam = lambda_grid(o)
@@ -45,7 +46,8 @@ def cmd_sweep(args, ui: UI) -> int:
         warnings.simplefilter("ignore", UserWarning)
         for name, r in (("unaligned", None), ("aligned", alignment)):
             c = hm.sweep(base, target, r, lam, data=data, target_data=tdata, tol=o.acc_tol, fill=o.fill,
-                         layer_map=plan.layer_map if r is None else None, batch_size=o.batch_size)
+                         layer_map=plan.layer_map if r is None else None, batch_size=o.batch_size,
+                         repair=repair)
             curves[name] = c
             bar.set_postfix_str(f"{name}: barrier {c.barrier:.3f}, λ* {c.lam_star:.2f}")
             bar.update(1)
@@ -55,6 +57,7 @@ def cmd_sweep(args, ui: UI) -> int:
            "layer_map": pairing.layer_map, "cases": pairing.cases,
            "alignment": {"file": str(plan.alignment) if plan.alignment else None, "trace": trace,
                          "objective": res.objective if res is not None else None},
+           "repair": o.repair,
            **R.sweep_curves(curves)}
     rows, summary = R.sweep_tables(doc)
     ui.out(R.table(rows))
@@ -63,7 +66,8 @@ def cmd_sweep(args, ui: UI) -> int:
     # every file lands in a temporary folder that replaces outdir only when all are written
     with atomic_dir(outdir, SWEEP_FILES) as tmp:
         R.write_sweep_report(tmp, doc, rows, trace, f"{plan.base.weights.name} ← {plan.target.weights.name}",
-                             f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}.",
+                             f"base `{plan.base.weights}`, target `{plan.target.weights}`, data {o.data}" +
+                             (f"; every merge REPAIRed on {o.repair}." if o.repair else "."),
                              f"λ sweep on {o.data}: aligned vs unaligned")
     ui.out(f"wrote {outdir}/sweep.json, sweep.png, report.md")
     return EXIT_OK
