@@ -29,6 +29,8 @@ class SweepResult:
     of the base's (λ = 0).
     target_*: the same on target-domain data, when given.
     bn_reset: whether BatchNorm statistics were re-estimated for each λ.
+    search: "grid" (every λ asked for) or "adaptive" (hetmerge.search: lambdas are the λ's it
+    evaluated); n_evals: merged models evaluated (each on all the data given), endpoints included.
     """
     lambdas: torch.Tensor
     loss: torch.Tensor
@@ -41,6 +43,8 @@ class SweepResult:
     bn_reset: bool = False
     tol: float = 0.01
     timings: dict = field(default_factory=dict)
+    search: str = "grid"
+    n_evals: int = 0
 
 
 def barrier(lambdas: torch.Tensor, loss: torch.Tensor, loss0: float, loss1: float) -> float:
@@ -262,7 +266,8 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
           target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
           loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
           max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True, extrapolate: bool = False,
-          max_act_bytes: int = 1 << 24) -> SweepResult:
+          max_act_bytes: int = 1 << 24, search: str = "grid", search_options: dict | None = None,
+          _raw: bool = False) -> SweepResult:
     """Evaluate the merge of `target` into `base` at K merging factors at once.
 
     res: AlignResult, or None for the unaligned baseline (maps by position).
@@ -280,6 +285,13 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
       layer and runs slower than K separate single-model forwards.
     mix_inputs: run the layers that read the model input once at each end of the path and mix
       (f(x; (1-λ)A + λB) = (1-λ) f(x; A) + λ f(x; B) for Linear/Conv): 2 evaluations instead of K.
+    search: "grid" evaluates every λ in `lambdas`; "adaptive" (hetmerge.search) finds the λ* that
+      grid would give and the barrier over [0, 1] from a few small batches of λ's (about 3x fewer
+      evaluations than 25 points); `lambdas` is then the grid λ* is resolved on (default 21 points)
+      and the result holds the λ's evaluated. search_options: adaptive_search's batch, coarse, ftol,
+      max_evals.
+    _raw: internal (the adaptive search's evaluator): evaluate exactly `lambdas`, no endpoints added,
+      and return {"loss", "acc", "target_loss", "target_acc"}: [K] float64 instead of a SweepResult.
     """
     if data is None:
         raise ValueError("sweep: data= (base-domain (X, y) or batches) is required")
@@ -296,11 +308,17 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     lambdas = torch.round(lambdas * 1e6) / 1e6
     if lambdas.numel() == 0:
         raise ValueError("lambdas: must not be empty")
+    if search != "grid":
+        return _adaptive(base, target, res, lambdas, search, search_options, extrapolate, bn_data,
+                         dict(data=data, target_data=target_data, tol=tol, fill=fill, layer_map=layer_map,
+                              loss_fn=loss_fn, batch_size=batch_size, bn_data=bn_data,
+                              max_chunk_bytes=max_chunk_bytes, mix_inputs=mix_inputs,
+                              max_act_bytes=max_act_bytes))
     pairing, maps = resolve(base, target, res, layer_map)
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
 
     # the endpoints are needed for the barrier even when not swept
-    ends = [x for x in (0.0, 1.0) if not bool((lambdas == x).any())]
+    ends = [] if _raw else [x for x in (0.0, 1.0) if not bool((lambdas == x).any())]
     lam_all = torch.cat([lambdas, torch.tensor(ends, dtype=torch.float64)])
     K = lam_all.numel()
 
@@ -368,6 +386,9 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
                 count[0] = n_seen
             t_fwd += time.perf_counter() - t1
 
+    if _raw:
+        return {f"{'' if d == 'base' else 'target_'}{k}": v for d, _ in domains
+                for k, v in (("loss", sums[d][0] / sums[d][2][0]), ("acc", sums[d][1] / sums[d][2][0]))}
     out = {}
     for d, _ in domains:
         loss_sum, correct, count = sums[d]
@@ -379,9 +400,22 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
                   barrier(lambdas, loss[:n_user], float(loss[idx0]), float(loss[idx1])), float(acc[idx0]))
     loss, acc, bar, acc0 = out["base"]
     res_ = SweepResult(lambdas=lambdas, loss=loss, acc=acc, barrier=bar,
-                       lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol,
+                       lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol, n_evals=K,
                        timings={"interpolate": t_interp, "forward": t_fwd,
                                 "total": time.perf_counter() - t_start})
     if "target" in out:
         res_.target_loss, res_.target_acc, res_.target_barrier, _ = out["target"]
     return res_
+
+
+def _adaptive(base, target, res, lambdas, search, options, extrapolate, bn_data, kw) -> SweepResult:
+    """sweep(search="adaptive"): hetmerge.search over this module's batched evaluation."""
+    from .search import adaptive_sweep
+
+    if search != "adaptive":
+        raise ValueError(f"search: expected 'grid' or 'adaptive', got {search!r}")
+    if extrapolate:
+        raise ValueError("search='adaptive' searches λ in [0, 1]; extrapolate=True needs search='grid'")
+    reset_bn = bn_data is not None and _has_bn(base)
+    return adaptive_sweep(lambda lam: sweep(base, target, res, lam, _raw=True, **kw), lambdas, kw["tol"],
+                          bn_reset=reset_bn, **(options or {}))
