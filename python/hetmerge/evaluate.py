@@ -3,6 +3,9 @@
 All K factors are evaluated together: one ``ops.interpolate`` per paired tensor gives the K merged
 tensors, and one vmapped ``torch.func.functional_call`` runs the K models on each batch. Factors are
 processed in chunks so that the K stacked copies of the weights stay under a memory bound.
+
+Why this module is long: it is one engine (template, input mixing, batched Linear, chunked loop)
+that the grid sweep and hetmerge.search's adaptive rounds both run through.
 """
 from __future__ import annotations
 
@@ -285,13 +288,11 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
       layer and runs slower than K separate single-model forwards.
     mix_inputs: run the layers that read the model input once at each end of the path and mix
       (f(x; (1-λ)A + λB) = (1-λ) f(x; A) + λ f(x; B) for Linear/Conv): 2 evaluations instead of K.
-    search: "grid" evaluates every λ in `lambdas`; "adaptive" (hetmerge.search) finds the λ* that
-      grid would give and the barrier over [0, 1] from a few small batches of λ's (about 3x fewer
-      evaluations than 25 points); `lambdas` is then the grid λ* is resolved on (default 21 points)
-      and the result holds the λ's evaluated. search_options: adaptive_search's batch, coarse, ftol,
-      max_evals.
-    _raw: internal (the adaptive search's evaluator): evaluate exactly `lambdas`, no endpoints added,
-      and return {"loss", "acc", "target_loss", "target_acc"}: [K] float64 instead of a SweepResult.
+    search: "adaptive" (hetmerge.search): the λ* a grid sweep over `lambdas` gives and the barrier
+      over [0, 1] from a few small batches of λ's; the result holds the λ's evaluated.
+      search_options: hetmerge.search.adaptive_search's batch, coarse, ftol, verify, max_evals.
+    _raw: internal (the adaptive search's evaluator): exactly `lambdas` (no endpoints added) ->
+      {"loss", "acc", "target_loss", "target_acc"}: [K] float64 instead of a SweepResult.
     """
     if data is None:
         raise ValueError("sweep: data= (base-domain (X, y) or batches) is required")
@@ -308,12 +309,13 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     lambdas = torch.round(lambdas * 1e6) / 1e6
     if lambdas.numel() == 0:
         raise ValueError("lambdas: must not be empty")
-    if search != "grid":
-        return _adaptive(base, target, res, lambdas, search, search_options, extrapolate, bn_data,
-                         dict(data=data, target_data=target_data, tol=tol, fill=fill, layer_map=layer_map,
-                              loss_fn=loss_fn, batch_size=batch_size, bn_data=bn_data,
-                              max_chunk_bytes=max_chunk_bytes, mix_inputs=mix_inputs,
-                              max_act_bytes=max_act_bytes))
+    if search != "grid":   # hetmerge.search, evaluating small batches through the _raw path below
+        from .search import adaptive_sweep
+        kw = dict(data=data, target_data=target_data, tol=tol, fill=fill, layer_map=layer_map, loss_fn=loss_fn,
+                  batch_size=batch_size, bn_data=bn_data, max_chunk_bytes=max_chunk_bytes,
+                  mix_inputs=mix_inputs, max_act_bytes=max_act_bytes)
+        return adaptive_sweep(lambda lam: sweep(base, target, res, lam, _raw=True, **kw), lambdas, tol, search,
+                              extrapolate, bn_data is not None and _has_bn(base), **(search_options or {}))
     pairing, maps = resolve(base, target, res, layer_map)
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
 
@@ -406,16 +408,3 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     if "target" in out:
         res_.target_loss, res_.target_acc, res_.target_barrier, _ = out["target"]
     return res_
-
-
-def _adaptive(base, target, res, lambdas, search, options, extrapolate, bn_data, kw) -> SweepResult:
-    """sweep(search="adaptive"): hetmerge.search over this module's batched evaluation."""
-    from .search import adaptive_sweep
-
-    if search != "adaptive":
-        raise ValueError(f"search: expected 'grid' or 'adaptive', got {search!r}")
-    if extrapolate:
-        raise ValueError("search='adaptive' searches λ in [0, 1]; extrapolate=True needs search='grid'")
-    reset_bn = bn_data is not None and _has_bn(base)
-    return adaptive_sweep(lambda lam: sweep(base, target, res, lam, _raw=True, **kw), lambdas, kw["tol"],
-                          bn_reset=reset_bn, **(options or {}))

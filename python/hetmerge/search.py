@@ -236,13 +236,17 @@ def adaptive_search(evaluate: Callable[[torch.Tensor], Mapping[str, torch.Tensor
 
 
 def adaptive_sweep(evaluate: Callable[[torch.Tensor], Mapping[str, torch.Tensor]], grid, tol: float,
-                   bn_reset: bool = False, **search_kw):
+                   search: str = "adaptive", extrapolate: bool = False, bn_reset: bool = False, **search_kw):
     """hm.sweep(search="adaptive"): the SweepResult of `adaptive_search` over `evaluate` (hm.sweep's
     batched evaluation of exactly the λ's asked for)."""
     import time
 
     from .evaluate import SweepResult, barrier
 
+    if search != "adaptive":
+        raise ValueError(f"search: expected 'grid' or 'adaptive', got {search!r}")
+    if extrapolate:
+        raise ValueError("search='adaptive' searches λ in [0, 1]; extrapolate=True needs search='grid'")
     t0 = time.perf_counter()
     r = adaptive_search(evaluate, grid, tol, **search_kw)
     v, lam = r.values, r.lambdas
