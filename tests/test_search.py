@@ -216,3 +216,16 @@ def test_adaptive_with_target_data_carries_target_curves():
     torch.testing.assert_close(a.target_acc.double(), ap)
     lam = a.lambdas
     assert a.target_barrier == pytest.approx(float((lp - ((1 - lam) * lp[0] + lam * lp[-1])).max()), abs=1e-6)
+
+
+def test_bump_next_to_an_end_below_every_coarse_point_is_found():
+    # the loss dips below the line, then rises a little above it before λ = 1 (a curve seen on
+    # digits: 64 <- 256 units): 1/3 and 2/3 are both below the line, the maximum sits near 0.88
+    bump = lambda x: x * (1 - x) * (-0.3 + 0.4 * x)
+    xs = torch.linspace(0, 1, 100001, dtype=torch.float64)
+    true_max = float((xs * (1 - xs) * (-0.3 + 0.4 * xs)).max())
+    assert bump(1 / 3) < 0 and bump(2 / 3) < 0 and true_max > 4e-3
+    stub = Stub(lambda x: 0.9, bump)
+    r = adaptive_search(stub, G25, tol=0.01)
+    assert r.barrier == pytest.approx(true_max, abs=1e-4)
+    check_invariants(stub, r)

@@ -310,7 +310,11 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     if lambdas.numel() == 0:
         raise ValueError("lambdas: must not be empty")
     if search != "grid":   # hetmerge.search, evaluating small batches through the _raw path below
+        from types import SimpleNamespace
+
         from .search import adaptive_sweep
+        if res is None:   # pair the layers once (an fx trace), not once per round
+            res = SimpleNamespace(**dict(zip(("pairing", "maps"), resolve(base, target, None, layer_map))))
         kw = dict(data=data, target_data=target_data, tol=tol, fill=fill, layer_map=layer_map, loss_fn=loss_fn,
                   batch_size=batch_size, bn_data=bn_data, max_chunk_bytes=max_chunk_bytes,
                   mix_inputs=mix_inputs, max_act_bytes=max_act_bytes)

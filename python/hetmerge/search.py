@@ -14,7 +14,8 @@ What it finds, from an evaluator `evaluate(lams [k] float64) -> {"loss": [k], "a
 - the barrier max_λ [L(λ) - ((1-λ)·L(0) + λ·L(1))] over the continuous interval [0, 1]: the coarse
   scan picks the bump, a cubic through it (g(0) = g(1) = 0) and then successive parabolas through the
   best point and its evaluated neighbours propose the maximum, until a parabola predicts less than
-  `ftol` of further gain. The reported barrier is the largest value actually evaluated, never an
+  `ftol` of further gain. When no evaluated point is above the line, the cubic through the two
+  interior points nearest each end is asked whether a bump hides next to that end. The reported barrier is the largest value actually evaluated, never an
   extrapolation. A second, lower bump narrower than the coarse spacing can be missed.
 
 Each round evaluates the barrier's proposal and the λ* bracket's points together in one batch (at
@@ -134,7 +135,7 @@ def _barrier_proposal(st: _State, ftol: float, first: bool) -> list[float]:
     g = [st.g(x) for x in lams]
     i = max(range(len(lams)), key=lambda j: g[j])
     if i in (0, len(lams) - 1):
-        return []     # no interior point is above the line: the maximum is at an endpoint (0)
+        return _end_bump(lams, g, ftol)
     if first and len(lams) >= 4:
         # g vanishes at both ends; with two interior values g = λ(1-λ)(p + qλ) fits exactly and
         # its maximum is a better first guess than a parabola, which would be centred at 0.5
@@ -150,20 +151,42 @@ def _barrier_proposal(st: _State, ftol: float, first: bool) -> list[float]:
     return [v]
 
 
-def _cubic_guess(lams, g, i):
-    """argmax over [0, 1] of λ(1-λ)(p + qλ) through the best interior point and its interior
-    neighbour (the one with the larger g)."""
-    j = max((k for k in (i - 1, i + 1) if 0 < k < len(lams) - 1), key=lambda k: g[k], default=None)
-    if j is None:
-        return lams[i]
-    (x1, y1), (x2, y2) = (lams[i], g[i]), (lams[j], g[j])
-    # y/(x(1-x)) = p + q x at both points
-    h1, h2 = y1 / (x1 * (1 - x1)), y2 / (x2 * (1 - x2))
+def _cubic(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
+    """(argmax, max) over [0, 1] of λ(1-λ)(p + qλ) through (x1, y1), (x2, y2): the shape of g with
+    both its zeros at the ends (the loss curve's cubic through four points)."""
+    h1, h2 = y1 / (x1 * (1 - x1)), y2 / (x2 * (1 - x2))   # y / (x(1-x)) = p + q x at both points
     q = (h2 - h1) / (x2 - x1)
     p = h1 - q * x1
     ts = torch.linspace(0, 1, 2001, dtype=torch.float64)   # a dense scan of a known cubic is exact enough
     vals = ts * (1 - ts) * (p + q * ts)
-    return float(ts[int(torch.argmax(vals))])
+    k = int(torch.argmax(vals))
+    return float(ts[k]), float(vals[k])
+
+
+def _cubic_guess(lams, g, i):
+    """The cubic's argmax through the best interior point and its larger interior neighbour."""
+    j = max((k for k in (i - 1, i + 1) if 0 < k < len(lams) - 1), key=lambda k: g[k], default=None)
+    if j is None:
+        return lams[i]
+    return _cubic(lams[i], g[i], lams[j], g[j])[0]
+
+
+def _end_bump(lams, g, ftol: float) -> list[float]:
+    """No evaluated point above the line: a bump may still hide between an end and its nearest
+    interior points (a loss that first rises a little, then falls below the line). The cubic
+    through the two interior points nearest each end says whether one is there and where."""
+    inner = list(range(1, len(lams) - 1))
+    if len(inner) < 2:
+        return []
+    best = None
+    for a, b in ((inner[0], inner[1]), (inner[-2], inner[-1])):
+        x, v = _cubic(lams[a], g[a], lams[b], g[b])
+        if v > ftol and (best is None or v > best[1]):
+            best = (x, v)
+    if best is None:
+        return []
+    x = _snap(best[0])
+    return [x] if min(abs(x - t) for t in lams) >= _MIN_GAP else []
 
 
 def adaptive_search(evaluate: Callable[[torch.Tensor], Mapping[str, torch.Tensor]], grid, tol: float = 0.01,
