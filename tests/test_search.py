@@ -229,3 +229,18 @@ def test_bump_next_to_an_end_below_every_coarse_point_is_found():
     r = adaptive_search(stub, G25, tol=0.01)
     assert r.barrier == pytest.approx(true_max, abs=1e-4)
     check_invariants(stub, r)
+
+
+def test_assemble_adaptive_takes_the_grids_lambda():
+    # without target data hm.assemble takes the largest λ within tol below 1: the adaptive search
+    # must land on the same grid point, from fewer evaluations
+    d = digits()
+    val, test = (d.X_test[:225], d.y_test[:225]), (d.X_test[225:], d.y_test[225:])
+    zoo = {"a": trained_mlp((64,), 1), "b": trained_mlp((128, 32), 2)}
+    base = trained_mlp((128, 64), 0)
+    g = hm.assemble(base, zoo, data=val, eval_data=test, restarts=1)
+    a = hm.assemble(base, zoo, data=val, eval_data=test, restarts=1, search="adaptive")
+    assert [s.lam for s in a.report] == [s.lam for s in g.report]
+    assert all(sa.curve.n_evals < sg.curve.n_evals for sa, sg in zip(a.report, g.report))
+    for k, v in g.model.state_dict().items():
+        torch.testing.assert_close(a.model.state_dict()[k], v)
