@@ -244,3 +244,18 @@ def test_assemble_adaptive_takes_the_grids_lambda():
     assert all(sa.curve.n_evals < sg.curve.n_evals for sa, sg in zip(a.report, g.report))
     for k, v in g.model.state_dict().items():
         torch.testing.assert_close(a.model.state_dict()[k], v)
+
+
+def test_adaptive_with_bn_reestimation_equals_the_grid_at_its_lambdas():
+    # each round's models get their BatchNorm statistics re-estimated exactly as the grid's do
+    from helpers_models import trained_cnn
+    d = digits(image=True)
+    base, target = trained_cnn((8, 16), 0), trained_cnn((16, 8), 1)
+    res = hm.align(base, target)
+    kw = dict(data=(d.X_test, d.y_test), bn_data=(d.X_train[:256], d.y_train[:256]))
+    a = hm.sweep(base, target, res, G25, search="adaptive", **kw)
+    g = hm.sweep(base, target, res, a.lambdas, **kw)
+    assert a.bn_reset and g.bn_reset
+    torch.testing.assert_close(a.loss, g.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.acc, g.acc)
+    assert a.barrier == pytest.approx(g.barrier, abs=1e-6)

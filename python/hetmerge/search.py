@@ -270,8 +270,13 @@ def adaptive_sweep(evaluate: Callable[[torch.Tensor], Mapping[str, torch.Tensor]
         raise ValueError(f"search: expected 'grid' or 'adaptive', got {search!r}")
     if extrapolate:
         raise ValueError("search='adaptive' searches λ in [0, 1]; extrapolate=True needs search='grid'")
+    def evaluate32(lams):
+        # the grid path judges λ* on accuracies stored as float32; judge the same values, so that
+        # an accuracy exactly at the threshold (k/300 samples, tol 0.01) falls on the same side
+        return {k: v.float().double() if k.endswith("acc") else v for k, v in evaluate(lams).items()}
+
     t0 = time.perf_counter()
-    r = adaptive_search(evaluate, grid, tol, **search_kw)
+    r = adaptive_search(evaluate32, grid, tol, **search_kw)
     v, lam = r.values, r.lambdas
     i0, i1 = 0, lam.numel() - 1   # λ = 0 and 1 are always evaluated, so they are the ends
     out = SweepResult(lambdas=lam, loss=v["loss"].float(), acc=v["acc"].float(), barrier=r.barrier,
