@@ -123,6 +123,7 @@ def cmd_assemble(args, ui: UI) -> int:
 
     from .. import report as R
     from ..checkpoint import check_replaceable_dir, save_state
+    from ..spec import SpecError
     from ..plan import PlanError, load_plan, options_from_args
     from .assemble_report import write_report
 
@@ -163,7 +164,7 @@ def cmd_assemble(args, ui: UI) -> int:
             ui.warn(f"zoo model {name} ({path}) skipped: {exc}")
             continue
         for w in warns:
-            ui.info(f"{name}: {w}")
+            ui.warn(f"zoo model {name}: {w}")
         zoo.append((name, path, plan, model))
     if not zoo:
         raise IncompatibleError(f"zoo: no model can be paired with the base {plans[0].base.weights}: "
@@ -177,11 +178,17 @@ def cmd_assemble(args, ui: UI) -> int:
         for name, path, plan, model in zoo:
             # one zoo model per call: hm.assemble's loop is sequential, so this is the same assembly,
             # with a progress step per model
-            current, (st,) = hm.assemble(current, {name: model}, data=val, target_data=tval, tol=o.acc_tol,
-                                         lambdas=lam, method=o.method, restarts=o.restarts, fill=o.fill,
-                                         seed=o.seed, eval_data=test, target_eval_data=ttest,
-                                         allow_replace=args.allow_replace, search=args.search,
-                                         max_iter=o.max_iter)
+            try:
+                current, (st,) = hm.assemble(current, {name: model}, data=val, target_data=tval, tol=o.acc_tol,
+                                             lambdas=lam, method=o.method, restarts=o.restarts, fill=o.fill,
+                                             seed=o.seed, eval_data=test, target_eval_data=ttest,
+                                             allow_replace=args.allow_replace, search=args.search,
+                                             max_iter=o.max_iter)
+            except SpecError as exc:   # paired above, so not expected; still not fatal
+                skipped.append({"model": name, "file": str(path), "reason": str(exc)})
+                ui.warn(f"zoo model {name} ({path}) skipped: {exc}")
+                bar.update(1)
+                continue
             steps.append({"step": st, "file": str(path), "fingerprint": fingerprint(plan.target),
                           "member_test_acc": _acc(model, test)})
             bar.set_postfix_str(f"{name}: λ {st.lam:.2f}, test acc {100 * st.eval_after['base_acc']:.1f}%")
