@@ -135,6 +135,25 @@ def test_bad_zoo_and_data_arguments_are_named(zoo_files, tmp_path, capsys):
     code, _, err = run(capsys, "assemble", base, zoo_files / "zoo", "--data", tmp_path / "d.npz",
                        "-o", tmp_path / "o.pt")
     assert code == EXIT_USAGE and "--val-data" in err
+    code, _, err = run(capsys, "assemble", base, zoo_files / "zoo", "--data", tmp_path / "d.npz", "--val-data",
+                       tmp_path / "d.npz", "-o", tmp_path / "o.pt")
+    assert code == EXIT_USAGE and "other than --data" in err
     code, _, err = run(capsys, "assemble", base, zoo_files / "zoo" / "d-cnn.safetensors", "--data", "digits",
                        "-o", tmp_path / "o.pt")
     assert code != EXIT_OK and "no model can be paired" in err and not (tmp_path / "o.pt").exists()
+
+
+def test_npz_splits_give_the_same_assembly(zoo_files, tmp_path, capsys):
+    import numpy as np
+    val, test = splits()
+    np.savez(tmp_path / "val.npz", X=val[0].numpy(), y=val[1].numpy())
+    np.savez(tmp_path / "test.npz", X_test=test[0].numpy(), y_test=test[1].numpy())
+    code, _, err = run(capsys, "assemble", zoo_files / "base.safetensors", zoo_files / "zoo", "--data",
+                       tmp_path / "test.npz", "--val-data", tmp_path / "val.npz", "-o", tmp_path / "o.safetensors",
+                       "-q")
+    assert code == EXIT_OK, err
+    rep = json.loads((tmp_path / "o-report" / "report.json").read_text())
+    _, ref_steps = reference()
+    assert [s["lam"] for s in rep["steps"]] == pytest.approx([r.lam for r in ref_steps], abs=1e-12)
+    assert [s["test"]["after"]["base_acc"] for s in rep["steps"]] == pytest.approx(
+        [r.eval_after["base_acc"] for r in ref_steps], abs=1e-6)

@@ -92,6 +92,11 @@ def load_splits(spec, val_spec, model, device: str, what: str):
         return None, None
     test = load_eval_data(spec, model, device, what)
     if val_spec is not None:
+        vflag = f"--{what.replace('_', '-').replace('data', 'val-data')}"
+        if not str(val_spec).endswith(".npz") or Path(val_spec).resolve() == Path(str(spec)).resolve():
+            raise PlanError(f"{vflag}: expected a .npz other than --{what.replace('_', '-')} {spec}, got "
+                            f"{val_spec!r} (λ chosen on the test split would be reported on the data it was "
+                            "tuned on)")
         val = load_eval_data(val_spec, model, device, f"{what} (validation)")
     elif spec in ("digits", "mnist1d"):
         sp = load_data(spec)
