@@ -294,6 +294,13 @@ def test_sweep_with_repair_equals_repaired_merges():
         assert abs(float(curve.loss[i]) - float(F.cross_entropy(logits, y))) < 1e-5
         assert abs(float(curve.acc[i]) - float((logits.argmax(1) == y).double().mean())) < 1e-6
         assert abs(float(curve.target_acc[i]) - float((logits[:40].argmax(1) == y[:40]).double().mean())) < 1e-6
+    # the adaptive search repairs every λ it evaluates too: its points equal the repaired merges
+    found = hm.sweep(base, target, res, data=(X, y), repair=Xr, search="adaptive", batch_size=32)
+    assert found.repaired and found.search == "adaptive"
+    for lam, loss in zip(found.lambdas.tolist(), found.loss.tolist()):
+        with torch.no_grad():
+            want = float(F.cross_entropy(hm.merge(base, target, res, lam, repair=Xr)(X), y))
+        assert abs(loss - want) < 1e-5, lam
     # the un-repaired path is the batched one, unchanged
     assert not hm.sweep(base, target, res, lams, data=(X, y)).repaired
     with pytest.raises(ValueError, match="repair= or bn_data="):

@@ -99,7 +99,7 @@ def assemble(base: nn.Module, zoo: Sequence[nn.Module] | Mapping[str, nn.Module]
              layer_maps: Mapping[str, Any] | Sequence[Any] | None = None, method: str = "weight",
              restarts: int = 4, fill: str = "zero", bn_data: Any = None, seed: int = 0,
              eval_data: Any = None, target_eval_data: Any = None, lam_max: float | None = None,
-             allow_replace: bool = False, **align_kwargs) -> AssemblyResult:
+             allow_replace: bool = False, search: str = "grid", **align_kwargs) -> AssemblyResult:
     """Integrate each zoo model into the base in turn: align it to the current base, sweep λ, take the
     λ that maximizes the target-domain metric while the base-domain accuracy stays within `tol`
     (or `objective(curve) -> index into lambdas`), merge, continue.
@@ -117,6 +117,9 @@ def assemble(base: nn.Module, zoo: Sequence[nn.Module] | Mapping[str, nn.Module]
       (or lam_max=1) to allow that, and such steps are flagged AssemblyStep.replaced.
     layer_maps: per zoo model, as for hm.align. Returns AssemblyResult(model, report); base and zoo
     are not modified.
+    search: "grid" sweeps every λ in `lambdas`; "adaptive" (hm.sweep's) evaluates a few and picks
+      among them: λ* over the grid points up to the cap below (so the step's lam_star is capped
+      there), the barrier over [0, 1]; without target data the same λ as the grid.
     """
     if data is None:
         raise ValueError("assemble: data= (base-domain (X, y) to choose λ on, a validation split) is required")
@@ -154,15 +157,17 @@ def assemble(base: nn.Module, zoo: Sequence[nn.Module] | Mapping[str, nn.Module]
         lmap = per_model(layer_maps, i, name, "layer_maps") if layer_maps is not None else None
         res = align(current, model, method=method, layer_map=lmap, data=data, restarts=restarts,
                     seed=seed, **align_kwargs)
-        curve = sweep(current, model, res, lambdas, data=data, target_data=tdata, tol=tol, fill=fill,
-                      bn_data=bn_data)
+        grid = torch.round(torch.as_tensor(lambdas, dtype=torch.float64).reshape(-1) * 1e6) / 1e6
         if lam_max is not None:
             cap = lam_max
         elif allow_replace:
             cap = 1.0
         else:   # the largest swept λ below 1
-            below = curve.lambdas[curve.lambdas < 1]
+            below = grid[grid < 1]
             cap = float(below.max()) if below.numel() else 0.0
+        # adaptive: λ* only over grid points a step may take, so that the one picked is evaluated
+        curve = sweep(current, model, res, grid if search == "grid" else grid[grid <= cap], data=data,
+                      target_data=tdata, tol=tol, fill=fill, bn_data=bn_data, search=search)
         idx = objective(curve) if objective is not None else pick_lam(curve, tol, cap)
         lam = float(curve.lambdas[idx])
         if lam > cap:

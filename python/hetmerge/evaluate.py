@@ -3,6 +3,9 @@
 All K factors are evaluated together: one ``ops.interpolate`` per paired tensor gives the K merged
 tensors, and one vmapped ``torch.func.functional_call`` runs the K models on each batch. Factors are
 processed in chunks so that the K stacked copies of the weights stay under a memory bound.
+
+Why this module is long: it is one engine (template, input mixing, batched Linear, chunked loop)
+that the grid sweep and hetmerge.search's adaptive rounds both run through.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class SweepResult:
     target_*: the same on target-domain data, when given.
     bn_reset: whether BatchNorm statistics were re-estimated for each λ.
     repaired: whether each λ's merge was REPAIRed (sweep(repair=...)).
+    search: "grid" (every λ asked for) or "adaptive" (hetmerge.search: lambdas are the λ's it
+    evaluated); n_evals: merged models evaluated (each on all the data given), endpoints included.
     """
     lambdas: torch.Tensor
     loss: torch.Tensor
@@ -43,6 +48,8 @@ class SweepResult:
     tol: float = 0.01
     timings: dict = field(default_factory=dict)
     repaired: bool = False
+    search: str = "grid"
+    n_evals: int = 0
 
 
 def barrier(lambdas: torch.Tensor, loss: torch.Tensor, loss0: float, loss1: float) -> float:
@@ -264,7 +271,8 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
           target_data: Any = None, tol: float = 0.01, fill: str = "zero", layer_map=None,
           loss_fn: Callable | None = None, batch_size: int | None = None, bn_data: Any = None,
           max_chunk_bytes: int = 1 << 29, mix_inputs: bool = True, extrapolate: bool = False,
-          max_act_bytes: int = 1 << 24, repair: Any = None) -> SweepResult:
+          max_act_bytes: int = 1 << 24, repair: Any = None, search: str = "grid",
+          search_options: dict | None = None, _raw: bool = False) -> SweepResult:
     """Evaluate the merge of `target` into `base` at K merging factors at once.
 
     res: AlignResult, or None for the unaligned baseline (maps by position).
@@ -284,6 +292,11 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
       (f(x; (1-λ)A + λB) = (1-λ) f(x; A) + λ f(x; B) for Linear/Conv): 2 evaluations instead of K.
     repair: data X (tensor, (X, y) or batches): each λ's merge is REPAIRed on it before evaluation,
       the K models one by one instead of batched (cost: repair.sweep_repaired).
+    search: "adaptive" (hetmerge.search): the λ* a grid sweep over `lambdas` gives and the barrier
+      over [0, 1] from a few small batches of λ's; the result holds the λ's evaluated.
+      search_options: hetmerge.search.adaptive_search's batch, coarse, ftol, verify, max_evals.
+    _raw: internal (the adaptive search's evaluator): exactly `lambdas` (no endpoints added) ->
+      {"loss", "acc", "target_loss", "target_acc"}: [K] float64 instead of a SweepResult.
     """
     if data is None:
         raise ValueError("sweep: data= (base-domain (X, y) or batches) is required")
@@ -300,11 +313,24 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
     lambdas = torch.round(lambdas * 1e6) / 1e6
     if lambdas.numel() == 0:
         raise ValueError("lambdas: must not be empty")
+    if search != "grid":   # hetmerge.search, evaluating small batches through the _raw path below
+        from types import SimpleNamespace
+
+        from .search import adaptive_sweep
+        if res is None:   # pair the layers once (an fx trace), not once per round
+            res = SimpleNamespace(**dict(zip(("pairing", "maps"), resolve(base, target, None, layer_map))))
+        kw = dict(data=data, target_data=target_data, tol=tol, fill=fill, layer_map=layer_map, loss_fn=loss_fn,
+                  batch_size=batch_size, bn_data=bn_data, max_chunk_bytes=max_chunk_bytes,
+                  mix_inputs=mix_inputs, max_act_bytes=max_act_bytes, repair=repair)
+        found = adaptive_sweep(lambda lam: sweep(base, target, res, lam, _raw=True, **kw), lambdas, tol, search,
+                               extrapolate, bn_data is not None and _has_bn(base), **(search_options or {}))
+        found.repaired = repair is not None
+        return found
     pairing, maps = resolve(base, target, res, layer_map)
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
 
     # the endpoints are needed for the barrier even when not swept
-    ends = [x for x in (0.0, 1.0) if not bool((lambdas == x).any())]
+    ends = [] if _raw else [x for x in (0.0, 1.0) if not bool((lambdas == x).any())]
     lam_all = torch.cat([lambdas, torch.tensor(ends, dtype=torch.float64)])
     K = lam_all.numel()
 
@@ -376,6 +402,9 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
                 count[0] = n_seen
             t_fwd += time.perf_counter() - t1
 
+    if _raw:
+        return {f"{'' if d == 'base' else 'target_'}{k}": v for d, _ in domains
+                for k, v in (("loss", sums[d][0] / sums[d][2][0]), ("acc", sums[d][1] / sums[d][2][0]))}
     out = {}
     for d, _ in domains:
         loss_sum, correct, count = sums[d]
@@ -387,7 +416,7 @@ def sweep(base: nn.Module, target: nn.Module, res=None, lambdas=None, data: Any 
                   barrier(lambdas, loss[:n_user], float(loss[idx0]), float(loss[idx1])), float(acc[idx0]))
     loss, acc, bar, acc0 = out["base"]
     res_ = SweepResult(lambdas=lambdas, loss=loss, acc=acc, barrier=bar,
-                       lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol,
+                       lam_star=lam_star(lambdas, acc, acc0, tol), bn_reset=reset_bn, tol=tol, n_evals=K,
                        timings={"interpolate": t_interp, "forward": t_fwd,
                                 "total": time.perf_counter() - t_start})
     res_.repaired = repair is not None

@@ -8,6 +8,7 @@ from .align import cmd_align
 from .merge import cmd_merge
 from .sweep import cmd_sweep
 from .merge_tasks import add_parser as add_merge_tasks_parser
+from .assemble import add_parser as add_assemble_parser
 from .parser_common import EPILOG, common_args, layout_args, model_args
 from .convert import cmd_convert
 from .demo import cmd_demo
@@ -108,4 +109,5 @@ def build_parser() -> argparse.ArgumentParser:
     common_args(b)
     b.set_defaults(func=cmd_bench)
     add_merge_tasks_parser(sub)
+    add_assemble_parser(sub)
     return p
