@@ -108,9 +108,11 @@ def cmd_zoo(args, ui: UI) -> int:
     from ..checkpoint import CheckpointError
     from ..fleet.study import find_models, run_zoo
     from ..fleet.summary import write_outputs
+    from ..fleet.tasks import check_data
     from ..plan import PlanError
 
     cfg = _config(args)
+    check_data(cfg.data)
     if cfg.out.exists() and not cfg.out.is_dir():
         raise CheckpointError(f"output folder {cfg.out}: exists and is not a folder")
     try:

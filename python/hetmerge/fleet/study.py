@@ -134,7 +134,9 @@ def plan_pairs(models: list[dict], cfg: ZooConfig) -> list[tuple[int, int]]:
 
 def ranked(models: list[dict]) -> list[dict]:
     """Usable models, best first: validation accuracy, then lower validation loss, then name."""
-    return sorted(models, key=lambda m: (-m["val"]["acc"], m["val"]["loss"], m["name"]))
+    def loss(m):   # NaN weights (--allow-nonfinite) give a NaN loss, stored as null
+        return m["val"]["loss"] if m["val"]["loss"] is not None else float("inf")
+    return sorted(models, key=lambda m: (-m["val"]["acc"], loss(m), m["name"]))
 
 
 def _model_entries(cfg: ZooConfig, files, executor, on_model) -> list[dict]:

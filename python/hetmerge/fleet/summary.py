@@ -111,8 +111,7 @@ def plot_barriers(labels: list[str], barrier, path: Path, title: str, universe=N
     n = len(labels)
     size = max(4.0, 0.45 * n + 2.5)
     fig, axes = plt.subplots(1, len(mats), figsize=(size * len(mats) + 1.2, size), squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     for ax, (name, _), A in zip(axes[0], mats, arrs):
         im = ax.imshow(np.ma.masked_invalid(A), cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_checkpoint", "load_splits", "model_task", "pair_task"]
+__all__ = ["load_checkpoint", "load_splits", "check_data", "model_task", "pair_task"]
 
 _SPLITS: dict = {}   # per worker process: (data spec, model input) -> {"val": (X, y), "test": (X, y)}
 
@@ -65,6 +65,27 @@ def load_splits(data: str, model) -> dict:
     return _SPLITS[key]
 
 
+def check_data(data: str) -> None:
+    """Refuse, before any worker starts, a .npz without the splits a study needs (DataError)."""
+    import numpy as np
+
+    from ..data import DataError
+
+    if data in ("digits", "mnist1d"):
+        return
+    try:
+        with np.load(data, allow_pickle=False) as z:
+            have = set(z.files)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"data: cannot read {data}: {exc}") from None
+    missing = [k for k in ("X_val", "y_val") if k not in have]
+    if not ({"X_test", "y_test"} <= have or {"X", "y"} <= have):
+        missing.append("X_test, y_test (or X, y)")
+    if missing:
+        raise DataError(f"data: {data} lacks {', '.join(missing)} (it has {sorted(have)}): the zoo study "
+                        "chooses λ* on the validation split X_val, y_val and reports the test split")
+
+
 def _fingerprint(path: str, sub_key, key_prefix) -> dict:
     from ..checkpoint import FINGERPRINT_KIND, scan_weights
 
@@ -88,8 +109,7 @@ def model_task(path: str, opts: dict) -> dict:
     splits = load_splits(opts["data"], model)
     out = {"fingerprint": fp, "nonfinite": nonfinite, "arch": arch.describe(),
            "params": sum(p.numel() for p in model.parameters())}
-    if not nonfinite:
-        out["val"], out["test"] = _score(model, *splits["val"]), _score(model, *splits["test"])
+    out["val"], out["test"] = _score(model, *splits["val"]), _score(model, *splits["test"])
     return out
 
 
