@@ -48,9 +48,19 @@ def _pair_jobs(zoo, n=3):
 
 @pytest.fixture(scope="module")
 def reference(zoo):
-    """The in-process executor's outcomes of _pair_jobs, computed once for every backend compared."""
-    with InProcessExecutor() as ex:
-        return {o.key: o for o in ex.map(T.pair_task, _pair_jobs(zoo))}
+    """The in-process executor's outcomes of _pair_jobs, computed once for every backend compared,
+    with one thread as the workers (the alignment objective's last bits depend on the thread count)."""
+    import hetmerge as hm
+
+    threads = torch.get_num_threads(), hm.get_num_threads()
+    torch.set_num_threads(1)
+    hm.set_num_threads(1)
+    try:
+        with InProcessExecutor() as ex:
+            return {o.key: o for o in ex.map(T.pair_task, _pair_jobs(zoo))}
+    finally:
+        torch.set_num_threads(threads[0])
+        hm.set_num_threads(threads[1])
 
 
 def _comparable(result):

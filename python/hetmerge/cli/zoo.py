@@ -87,6 +87,7 @@ def _config(args):
 
 def _executor(args):
     from ..fleet import make_executor
+    from ..fleet.tasks import PRELOAD
     from ..plan import PlanError
 
     kind = args.executor or ("pool" if (args.jobs or 1) > 1 else "inprocess")
@@ -98,7 +99,7 @@ def _executor(args):
         raise PlanError("--address: only with --executor ray")
     try:
         return make_executor(kind, workers=args.jobs, retries=args.retries, threads=args.threads,
-                             address=args.address)
+                             address=args.address, preload=PRELOAD)
     except RuntimeError as exc:   # Ray missing, or its cluster unreachable
         raise PlanError(f"--executor {kind}: {exc}") from None
 

@@ -177,7 +177,7 @@ class InProcessExecutor(Executor):
         return done
 
 
-def _pool_context(name: str | None):
+def _pool_context(name: str | None, preload=("hetmerge",)):
     import multiprocessing as mp
 
     if name is None:   # forkserver: fast worker starts without fork()'s copy of the driver's threads
@@ -187,9 +187,10 @@ def _pool_context(name: str | None):
                          "torch's threads)")
     ctx = mp.get_context(name)
     if name == "forkserver":
-        # the server imports torch and hetmerge once; every worker (and every replacement of a dead
-        # one) forks from it in milliseconds instead of importing torch for seconds
-        ctx.set_forkserver_preload(["hetmerge"])
+        # the server imports torch and hetmerge (and `preload`) once; every worker, and every
+        # replacement of a dead one, forks from it in milliseconds instead of importing for seconds.
+        # (One forkserver per driver process: the first pool's list is the one that counts.)
+        ctx.set_forkserver_preload(list(preload))
     return ctx
 
 
@@ -198,15 +199,17 @@ class PoolExecutor(Executor):
     concurrent.futures.ProcessPoolExecutor. One pool per worker because a ProcessPoolExecutor whose
     process dies breaks as a whole and fails every task in flight (BrokenProcessPool) without saying
     which one killed it; with one process per pool the dead worker's task is known exactly, only
-    that pool is replaced, and the other workers' tasks go on."""
+    that pool is replaced, and the other workers' tasks go on. preload: modules the forkserver
+    imports once for all workers (e.g. what the tasks import: sklearn takes seconds)."""
     name = "pool"
 
-    def __init__(self, workers: int = 2, retries: int = 2, threads: int | None = None, context: str | None = None):
+    def __init__(self, workers: int = 2, retries: int = 2, threads: int | None = None, context: str | None = None,
+                 preload=("hetmerge",)):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers (--jobs): expected an integer >= 1, got {workers!r}")
         super().__init__(retries, threads or max(1, (os.cpu_count() or 1) // workers))
         self.workers = workers
-        self._ctx = _pool_context(context)
+        self._ctx = _pool_context(context, preload)
         self._pools: list = [None] * workers
         self._running: dict = {}   # future -> (slot, task)
 
@@ -334,13 +337,14 @@ class RayExecutor(Executor):
 
 
 def make_executor(kind: str = "inprocess", workers: int | None = None, retries: int = 2,
-                  threads: int | None = None, address: str | None = None) -> Executor:
+                  threads: int | None = None, address: str | None = None, preload=("hetmerge",)) -> Executor:
     """The executor named `kind` ("inprocess", "pool", "ray"). workers: pool processes, or the
-    CPUs of a local Ray (ignored with an `address`); threads: per worker (pool; Ray: CPUs per task)."""
+    CPUs of a local Ray (ignored with an `address`); threads: per worker (pool; Ray: CPUs per task);
+    preload: modules a pool's workers import once, before forking."""
     if kind == "inprocess":
         return InProcessExecutor(retries)
     if kind == "pool":
-        return PoolExecutor(workers or os.cpu_count() or 1, retries, threads)
+        return PoolExecutor(workers or os.cpu_count() or 1, retries, threads, preload=preload)
     if kind == "ray":
         return RayExecutor(address, workers, retries, threads or 1)
     raise ValueError(f"executor: expected one of {', '.join(EXECUTORS)}, got {kind!r}")

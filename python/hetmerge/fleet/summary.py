@@ -112,6 +112,11 @@ def plot_barriers(labels: list[str], barrier, path: Path, title: str, universe=N
     size = max(4.0, 0.45 * n + 2.5)
     fig, axes = plt.subplots(1, len(mats), figsize=(size * len(mats) + 1.2, size), squeeze=False)
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    if n == 0:   # every model failed or was left out: say so instead of an empty axis
+        axes[0, 0].text(0.5, 0.5, "no usable models", ha="center", va="center")
+        axes[0, 0].axis("off")
+        fig.suptitle(title)
+        return R._save(fig, path)
     for ax, (name, _), A in zip(axes[0], mats, arrs):
         im = ax.imshow(np.ma.masked_invalid(A), cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)

@@ -16,7 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_checkpoint", "load_splits", "check_data", "model_task", "pair_task"]
+__all__ = ["load_checkpoint", "load_splits", "check_data", "model_task", "pair_task", "PRELOAD"]
+
+# what a process pool's workers should import once before forking (executors.PoolExecutor preload):
+# the tasks themselves, and scikit-learn for the digits data (seconds to import)
+PRELOAD = ("hetmerge", "hetmerge.fleet.tasks", "sklearn.datasets")
 
 _SPLITS: dict = {}   # per worker process: (data spec, model input) -> {"val": (X, y), "test": (X, y)}
 
