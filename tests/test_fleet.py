@@ -150,6 +150,24 @@ def test_dead_worker_loses_only_its_task(kind, request, tmp_path):
         {i: (True, 1, i * i) for i in range(5)}
 
 
+@pytest.mark.parametrize("kind", ["inprocess", "pool"])
+def test_map_reads_items_lazily(kind, request):
+    """A study of a million pairs must not hold a million tasks: map() takes items as workers free up."""
+    pulled = []
+
+    def items():
+        for i in range(50):
+            pulled.append(i)
+            yield i, (i,)
+
+    with _executor(kind, request) as ex:
+        it = ex.map(H.square, items())
+        first = next(it)
+        assert first.ok and len(pulled) <= ex.capacity() + 1
+        rest = list(it)
+    assert sorted(o.result["square"] for o in [first, *rest]) == [i * i for i in range(50)]
+
+
 def test_run_task_turns_errors_and_non_dicts_into_text():
     ok, value, tb, _, worker = run_task(H.square, (3,))
     assert ok and value["square"] == 9 and tb is None and ":" in worker

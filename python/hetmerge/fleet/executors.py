@@ -102,6 +102,7 @@ class Executor:
         self.retries, self.threads = retries, threads
         self.workers = 1
         self._queue: collections.deque[_Task] = collections.deque()
+        self._sources: collections.deque = collections.deque()   # (fn, iterator of (key, args)) from map()
         self._inflight = 0
 
     # -- backend -------------------------------------------------------------------------------
@@ -127,20 +128,40 @@ class Executor:
         self._queue.append(_Task(key, fn, tuple(args)))
 
     def map(self, fn: Callable, items: Iterable[tuple[Hashable, tuple]]) -> Iterator[Outcome]:
-        """submit(key, fn, *args) for each (key, args), then results()."""
-        for key, args in items:
-            self.submit(key, fn, *args)
+        """fn(*args) under `key` for each (key, args) of `items`, then results(). `items` is read
+        lazily, as workers free up: a generator of a million tasks holds a few in memory, not all."""
+        if not callable(fn):
+            raise TypeError(f"map: fn must be callable, got {type(fn).__name__}")
+        self._sources.append((fn, iter(items)))
         return self.results()
+
+    def _next(self) -> _Task | None:
+        """The next task to launch: submitted ones and retries first, then map()'s items."""
+        if self._queue:
+            return self._queue.popleft()
+        while self._sources:
+            fn, it = self._sources[0]
+            try:
+                key, args = next(it)
+            except StopIteration:
+                self._sources.popleft()
+                continue
+            return _Task(key, fn, tuple(args))
+        return None
 
     def results(self) -> Iterator[Outcome]:
         """Outcomes of every submitted task, in the order they finish; failed attempts are retried
         (up to `retries` more times) before their task is reported as failed."""
-        while self._queue or self._inflight:
-            while self._queue and self._inflight < self.capacity():
-                task = self._queue.popleft()
+        while True:
+            while self._inflight < self.capacity():
+                task = self._next()
+                if task is None:
+                    break
                 task.attempts += 1
                 self._launch(task)
                 self._inflight += 1
+            if not self._inflight:
+                return
             for task, (ok, value, tb, wall, worker) in self._collect():
                 self._inflight -= 1
                 if ok:
@@ -148,7 +169,7 @@ class Executor:
                     continue
                 task.errors.append(value)
                 if task.attempts <= self.retries:
-                    self._queue.append(task)   # to the back: other tasks go first, a flaky node may recover
+                    self._queue.append(task)   # behind the retries already waiting: a flaky node may recover
                 else:
                     yield Outcome(task.key, False, None, value, task.errors, task.attempts, wall, worker)
 
@@ -263,6 +284,7 @@ class PoolExecutor(Executor):
         self._pools = [None] * self.workers
         self._running.clear()
         self._queue.clear()
+        self._sources.clear()
         self._inflight = 0
 
 
@@ -330,6 +352,7 @@ class RayExecutor(Executor):
                 pass
         self._running.clear()
         self._queue.clear()
+        self._sources.clear()
         self._inflight = 0
         if self._owned and self._ray.is_initialized():
             self._ray.shutdown()

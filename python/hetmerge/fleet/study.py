@@ -197,21 +197,26 @@ def run_zoo(cfg: ZooConfig, executor, on_model: Callable | None = None, on_pair:
     log(f"{len(usable)} usable models, {len(pairs)} pairs")
     popts = cfg.pair_opts()
     pdocs, todo, reused = {}, {}, 0
-    for i, j in pairs:
-        b, t = usable[i], usable[j]
-        key = _key([STORE_VERSION, b["fingerprint"]["digest"], t["fingerprint"]["digest"], popts])
-        f = cfg.out / "pairs" / f"{slug(b['name'])}__{slug(t['name'])}.json"
-        doc = _read(f)
-        if doc and doc.get("key") == key and doc.get("status") in ("ok", "incompatible"):
-            pdocs[(i, j)] = doc
-            reused += 1
-            if on_pair:
-                on_pair(doc, True)
-            continue
-        todo[(i, j)] = (key, f)
-        opts = {**popts, "fingerprints": {"base": b["fingerprint"], "target": t["fingerprint"]}}
-        executor.submit((i, j), tasks.pair_task, b["file"], t["file"], opts)
-    new, timing = _collect_pairs(cfg, executor, usable, todo, on_pair)
+
+    def jobs():
+        """Pairs to compute, produced as workers free up (saved ones are reused on the way)."""
+        nonlocal reused
+        for i, j in pairs:
+            b, t = usable[i], usable[j]
+            key = _key([STORE_VERSION, b["fingerprint"]["digest"], t["fingerprint"]["digest"], popts])
+            f = cfg.out / "pairs" / f"{slug(b['name'])}__{slug(t['name'])}.json"
+            doc = _read(f)
+            if doc and doc.get("key") == key and doc.get("status") in ("ok", "incompatible"):
+                pdocs[(i, j)] = doc
+                reused += 1
+                if on_pair:
+                    on_pair(doc, True)
+                continue
+            todo[(i, j)] = (key, f)
+            opts = {**popts, "fingerprints": {"base": b["fingerprint"], "target": t["fingerprint"]}}
+            yield (i, j), (b["file"], t["file"], opts)
+
+    new, timing = _collect_pairs(executor.map(tasks.pair_task, jobs()), usable, todo, on_pair)
     pdocs.update(new)
     universe = universe_study(cfg, usable, pairs, log) if cfg.universe else None
     run = {"executor": executor.name, "workers": executor.workers, "wall_s": time.perf_counter() - t0,
@@ -228,15 +233,15 @@ def run_zoo(cfg: ZooConfig, executor, on_model: Callable | None = None, on_pair:
 WRITERS = 8
 
 
-def _save_pair(cfg: ZooConfig, f: Path, doc: dict, align_doc: dict | None) -> tuple[dict, float]:
+def _save_pair(f: Path, doc: dict, align_doc: dict | None) -> tuple[dict, float]:
     t0 = time.perf_counter()
     if align_doc is not None:   # before the pair file: a pair marked done has its alignment
-        _write(cfg.out / doc["result"]["alignment_file"], align_doc)
+        _write(f.parent.parent / doc["result"]["alignment_file"], align_doc)
     _write(f, doc)
     return doc, time.perf_counter() - t0
 
 
-def _collect_pairs(cfg: ZooConfig, executor, usable, todo: dict, on_pair) -> tuple[dict, dict]:
+def _collect_pairs(outcomes, usable, todo: dict, on_pair) -> tuple[dict, dict]:
     """Pair outcomes as they arrive, saved by WRITERS threads; on_pair(doc, False) runs in this
     thread once a pair is on disk (an exception there, Ctrl-C included, stops the study after the
     saves already started have finished). Returns ({(i, j): doc}, timings of the driver's share)."""
@@ -254,7 +259,7 @@ def _collect_pairs(cfg: ZooConfig, executor, usable, todo: dict, on_pair) -> tup
                 on_pair(doc, False)
 
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="hetmerge-zoo-save") as writers:
-        for o in executor.results():
+        for o in outcomes:
             ts = time.perf_counter()
             i, j = o.key
             key, f = todo[o.key]
@@ -268,7 +273,7 @@ def _collect_pairs(cfg: ZooConfig, executor, usable, todo: dict, on_pair) -> tup
                 r["alignment_file"] = f"alignments/{f.name}"
             doc["result"] = r
             docs[o.key] = doc
-            pending.add(writers.submit(_save_pair, cfg, f, doc, align_doc))
+            pending.add(writers.submit(_save_pair, f, doc, align_doc))
             driver_s += time.perf_counter() - ts
             finish([p for p in list(pending) if p.done()])
         while pending:
