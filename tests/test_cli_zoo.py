@@ -286,6 +286,19 @@ def test_bad_inputs_are_named(zoo, tmp_path, capsys):
     assert code == 2 and "--address: only with --executor ray" in err
     code, _, err = study(capsys, zoo, tmp_path / "o6", "--pairs", "0")
     assert code == 2 and "--pairs: expected an integer >= 1, got 0" in err
+    code, _, err = study(capsys, zoo, zoo)
+    assert code == 2 and "is ZOO_DIR itself" in err
     (tmp_path / "o7").write_text("x")
     code, _, err = study(capsys, zoo, tmp_path / "o7")
     assert code == 3 and "exists and is not a folder" in err
+
+
+def test_output_inside_the_zoo_is_not_scanned(full, zoo, tmp_path, capsys):
+    z2 = tmp_path / "zoo"
+    shutil.copytree(zoo, z2)
+    shutil.copytree(full, z2 / "study")
+    (z2 / "study" / "stray.safetensors").write_bytes((zoo / "a32.safetensors").read_bytes())
+    code, _, _ = study(capsys, z2, z2 / "study")
+    rep = report(z2 / "study")
+    assert code == 0 and [m["name"] for m in rep["models"]] == sorted(H.ZOO)
+    assert rep["run"]["pairs_reused"] == 12

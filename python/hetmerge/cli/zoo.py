@@ -116,6 +116,9 @@ def cmd_zoo(args, ui: UI) -> int:
     check_data(cfg.data)
     if cfg.out.exists() and not cfg.out.is_dir():
         raise CheckpointError(f"output folder {cfg.out}: exists and is not a folder")
+    if cfg.out.resolve() == cfg.zoo_dir.resolve():
+        raise PlanError(f"-o {cfg.out}: is ZOO_DIR itself; choose another folder (one inside ZOO_DIR is fine: "
+                        "it is not scanned for checkpoints)")
     try:
         n = len(find_models(cfg.zoo_dir, exclude=cfg.out))   # refuse before starting workers
     except ValueError as exc:
