@@ -242,6 +242,8 @@ def test_failed_pair_is_reported_then_retried_on_rerun(full, zoo, tmp_path, caps
     bad = next(p for p in rep["pairs"] if p["status"] == "failed")
     assert (bad["base"], bad["target"]) == ("a32", "b48")
     assert bad["errors"] == ["RuntimeError: simulated out of memory"] * 2
+    saved = json.loads(next((out / "pairs").glob("a32*__b48*.json")).read_text())
+    assert "in broken" in saved["traceback"]   # for the bug report; not in report.json
     monkeypatch.setattr(T, "pair_task", real)
     code, _, _ = study(capsys, zoo, out)
     assert code == 0 and results(report(out)) == results(report(full))

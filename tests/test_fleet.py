@@ -125,6 +125,7 @@ def test_task_that_raises_is_retried_then_recorded_failed(kind, request):
     bad = out.pop("bad")
     assert not bad.ok and bad.attempts == 3 and bad.result is None
     assert bad.errors == ["ValueError: task 7 always fails"] * 3 and bad.error == bad.errors[-1]
+    assert "Traceback" in bad.traceback and "always fails" in bad.traceback
     assert {k: (o.ok, o.attempts, o.result["square"]) for k, o in out.items()} == \
         {i: (True, 1, i * i) for i in range(4)}
 

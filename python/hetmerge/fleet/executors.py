@@ -47,6 +47,7 @@ class Outcome:
     attempts: int = 0
     wall_s: float = 0.0          # of the successful (or last) attempt, measured in the worker
     worker: str = ""             # host:pid that ran the last attempt
+    traceback: str | None = None  # of the last attempt's exception (None when its worker died)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Executor:
                 if task.attempts <= self.retries:
                     self._queue.append(task)   # behind the retries already waiting: a flaky node may recover
                 else:
-                    yield Outcome(task.key, False, None, value, task.errors, task.attempts, wall, worker)
+                    yield Outcome(task.key, False, None, value, task.errors, task.attempts, wall, worker, tb)
 
     def __enter__(self):
         return self

@@ -161,7 +161,7 @@ def _model_entries(cfg: ZooConfig, files, executor, on_model) -> list[dict]:
         path, key, f = by_name[o.key]
         doc = {"format": "hetmerge-zoo-model", "key": key, "name": o.key, "file": str(path),
                "status": "ok" if o.ok else "failed", "result": o.result, "reason": o.error,
-               "errors": o.errors, "attempts": o.attempts, "wall_s": o.wall_s}
+               "errors": o.errors, "attempts": o.attempts, "wall_s": o.wall_s, "traceback": o.traceback}
         _write(f, doc)
         out[o.key] = doc
         if on_model:
@@ -267,7 +267,8 @@ def _collect_pairs(outcomes, usable, todo: dict, on_pair) -> tuple[dict, dict]:
             doc = {"format": "hetmerge-zoo-pair", "key": key, "base": usable[i]["name"],
                    "target": usable[j]["name"], "status": r.pop("status", "failed") if o.ok else "failed",
                    "reason": r.pop("reason", o.error), "errors": o.errors, "attempts": o.attempts,
-                   "wall_s": o.wall_s, "worker": o.worker, "timings": r.pop("timings", {})}
+                   "wall_s": o.wall_s, "worker": o.worker, "timings": r.pop("timings", {}),
+                   "traceback": o.traceback}
             align_doc = r.pop("alignment", None)
             if align_doc is not None:
                 r["alignment_file"] = f"alignments/{f.name}"
