@@ -304,3 +304,22 @@ def test_output_inside_the_zoo_is_not_scanned(full, zoo, tmp_path, capsys):
     rep = report(z2 / "study")
     assert code == 0 and [m["name"] for m in rep["models"]] == sorted(H.ZOO)
     assert rep["run"]["pairs_reused"] == 12
+
+
+def test_nonfinite_model_is_left_out_unless_allowed(full, zoo, tmp_path, capsys):
+    from hetmerge.checkpoint import load_state, save_state
+
+    z2 = tmp_path / "zoo"
+    shutil.copytree(zoo, z2)
+    sd = load_state(zoo / "a32.safetensors")
+    sd["fc0.weight"][0, :3] = float("nan")
+    save_state(sd, z2 / "nan.safetensors")
+    out = copy_of(full, tmp_path)
+    code, _, _ = study(capsys, z2, out)
+    rep = report(out)
+    bad = next(m for m in rep["models"] if m["name"] == "nan")
+    assert code == 0 and bad["status"] == "excluded" and "'fc0.weight' (3 values)" in bad["reason"]
+    assert "--allow-nonfinite" in bad["reason"] and rep["run"]["pairs_computed"] == 0
+    assert "nan" not in rep["heatmap"]["labels"]
+    code, _, _ = study(capsys, z2, out, "--allow-nonfinite", "--retries", "0", "--one-way", "--pairs", "2")
+    assert code == 0 and "nan" in report(out)["heatmap"]["labels"]
