@@ -13,6 +13,7 @@ from .parser_common import EPILOG, common_args, layout_args, model_args
 from .convert import cmd_convert
 from .demo import cmd_demo
 from .bench import cmd_bench
+from .zoo import add_parser as add_zoo_parser
 
 def build_parser() -> argparse.ArgumentParser:
     from ..plan import add_option_flags
@@ -110,4 +111,5 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     add_merge_tasks_parser(sub)
     add_assemble_parser(sub)
+    add_zoo_parser(sub)
     return p
