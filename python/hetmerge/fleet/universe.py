@@ -1,13 +1,9 @@
-"""HOOK (issue 13, C2M3 universe): `hetmerge zoo --universe`.
-
-The C2M3 method (cycle-consistent alignment of many models through a shared "universe") is built
-in its own package; it arrives as ``hm.align_many(models, method="c2m3")`` whose result gives
-``res.pair(i, j)``: the alignment of model j to model i. Until that lands, this hook reports the
-universe as unavailable. Once it is there the study loads the usable models in the driver, aligns
-them all at once, and sweeps each planned pair through the universe's maps, so the report gets a
-second barrier heat map (universe vs pairwise weight matching) on the same pairs.
-
-WIRING POINT for the lead: only `universe_study` below touches align_many.
+"""`hetmerge zoo --universe`: the C2M3 universe over the zoo (``hm.align_many(models, method="c2m3")``,
+hetmerge.many), whose ``res.pair(i, j)`` aligns model j to model i with every cycle consistent. The
+study loads the usable models in the driver, aligns them all at once, and sweeps each planned pair
+through the universe's maps, so the report gets a second barrier heat map (universe vs pairwise
+weight matching) on the same pairs. A zoo that C2M3 cannot cover as one (models of different depths
+without a common layer map) is reported as such, with the reason, and the pairwise study stands.
 """
 from __future__ import annotations
 
@@ -31,7 +27,10 @@ def universe_study(cfg, usable: list[dict], pairs: list[tuple[int, int]], log=la
                 "hetmerge; the universe was not computed"}
     models = [load_checkpoint(m["file"], cfg.arch, cfg.sub_key, cfg.key_prefix)[0] for m in usable]
     log(f"C2M3 universe over {len(models)} models")
-    res = align_many(models, method="c2m3")
+    try:
+        res = align_many(models, method="c2m3")
+    except ValueError as exc:   # e.g. different depths: no single universe over these models
+        return {"available": False, "note": f"--universe: C2M3 cannot align these models as one: {exc}"}
     lambdas = torch.tensor(cfg.lambdas, dtype=torch.float64)
     n = len(models)
     barrier = [[None] * n for _ in range(n)]
