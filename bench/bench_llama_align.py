@@ -21,7 +21,6 @@ import argparse
 import resource
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 
