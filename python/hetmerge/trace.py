@@ -213,6 +213,8 @@ class Tracer:
         self.layers: list[list] = []                           # [name, {role: key}]
         self.layer_out: dict[str, tuple[int, int, int, int]] = {}   # weight key -> (in id, out id, layer, dim)
         self.probes: dict[int, tuple[str, str]] = {}
+        self.part_entries: list[tuple[str, int, list]] = []     # add_parts: fused axes
+        self.input_groups: list[int] = []                      # groups of the model's inputs
         self.node: fx.Node | None = None                       # node being handled (for messages)
 
     # -- reading the node ---------------------------------------------------------------------
@@ -268,7 +270,9 @@ class Tracer:
 
     def require_last(self, node: fx.Node, x: Val, what: str) -> None:
         """`what` acts on the last dim: fail when x's features are known to be elsewhere."""
-        if x.dim == 1 and not x.flat and x.nd is not None and x.nd > 2:
+        # the model's own input is never permuted: a sequence [B, T, F] read by a Linear is fine
+        is_input = self.uf.find(x.group) in {self.uf.find(g) for g in self.input_groups}
+        if x.dim == 1 and not x.flat and x.nd is not None and x.nd > 2 and not is_input:
             self.fail(node, f"{what} acts on the last dim of a {x.nd}-d tensor whose channels are dim 1 "
                             "(permute the channels last first)")
 
@@ -313,6 +317,12 @@ class Tracer:
             return
         self.axis_entry[(key, axis)] = group
         self.entries.append((key, axis, group, block))
+
+    def add_parts(self, key: str, axis: int, parts: list[tuple[int, int]]) -> None:
+        """Record that axis `axis` of `key` is a concatenation: (group, block) per part, in order
+        (a fused q|k|v projection: three parts of one heads group). Each group's size must be
+        known from another axis (a plain or blocked entry)."""
+        self.part_entries.append((key, axis, list(parts)))
 
     def add_layer(self, path: str, params: dict[str, str]) -> int:
         self.layers.append([path, params])
@@ -493,6 +503,7 @@ class Tracer:
             if node.op == "placeholder":
                 self.vals[node] = Val(self.new_group("input" if n_inputs == 0 else f"input{n_inputs}",
                                                      fixed=True))
+                self.input_groups.append(self.vals[node].group)
                 n_inputs += 1
             elif node.op == "get_attr":
                 self.params[node] = self._get_attr(node)
@@ -525,7 +536,7 @@ class Tracer:
         val = self.vals.get(node)
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
-        if val is not None and shape is not None and val.nd != len(shape):
+        if isinstance(val, Val) and shape is not None and val.nd != len(shape):
             self.vals[node] = dataclasses.replace(val, nd=len(shape))
 
     def _check_taken(self, node: fx.Node) -> None:
@@ -575,8 +586,8 @@ class Tracer:
             if r in self.composite:
                 continue
             name = name_of(r)
-            if blk == 1:
-                n = sd[key].shape[ax]
+            if isinstance(blk, int):
+                n = sd[key].shape[ax] // blk
                 units.setdefault(r, n)
                 if not uf.fixed[r] and sizes.setdefault(name, n) != n:
                     raise SpecError(f"trace_spec: group {name!r} has {sizes[name]} units but "
@@ -603,6 +614,18 @@ class Tracer:
             groups.setdefault(name, []).append((key, ax))
             if blk != 1:
                 blocks[(key, ax)] = blk
+        for key, ax, parts in self.part_entries:
+            found = []
+            for g, blk in parts:
+                r = uf.find(g)
+                if r not in units:
+                    raise SpecError(f"trace_spec: {key!r} axis {ax}: a fused part's group {uf.names[r]!r} has no "
+                                    "other parameter that tells its size")
+                found.append((name_of(r), units[r], blk))
+            if sum(n * b for _, n, b in found) != sd[key].shape[ax]:
+                raise SpecError(f"trace_spec: {key!r}.shape[{ax}] = {sd[key].shape[ax]} is not the fused parts "
+                                f"{[(g, n, b) for g, n, b in found]}")
+            segments[(key, ax)] = tuple(found)
         probes = {root_name[uf.find(g)]: p for g, p in self.probes.items() if uf.find(g) in root_name}
         for g in list(probes):
             if g in fixed:
