@@ -140,3 +140,17 @@ def test_merge3_heads_and_bad_arguments():
         hm.merge_tasks(base, experts, "merge3", data=data, scale=0.5)
     with pytest.raises(ValueError, match="executor"):
         hm.merge_tasks(base, experts, "merge3", data=data, executor=object())
+
+
+def test_merge3_runs_on_the_zoo_executors():
+    """MERGE3's candidates through hetmerge.fleet's executors (in-process and a 2-worker pool): the
+    same search as this process's."""
+    from hetmerge.fleet.executors import make_executor
+
+    base, experts, data = _tasks(seed=2)
+    kw = dict(data=data, generations=2, popsize=4, items=8, seed=1)
+    a = hm.merge_tasks(base, experts, "merge3", **kw).merge3
+    for kind in ("inprocess", "pool"):
+        with make_executor(kind, workers=2, threads=1) as ex:
+            b = hm.merge_tasks(base, experts, "merge3", executor=ex, **kw).merge3
+        assert a.coefficients == b.coefficients and a.history == b.history, kind

@@ -14,9 +14,11 @@ of the data and estimating its full-data accuracy with item response theory (tas
                 tensor over θ_0, θ_1..θ_T with coefficients 1 − Σc, c_1..c_T); `.merge3` holds the
                 coefficients, the search history and how many item evaluations it cost
 
-executor: anything with ``map(fn, iterable)`` (a concurrent.futures executor, the zoo's executors);
-the candidate evaluator it receives is picklable and carries the base, the experts' states and the
-subset data, so a process pool pays that copy per task. None: evaluated in this process.
+executor: a concurrent.futures-style executor (``map(fn, iterable)``, results in order) or one of the
+zoo's executors (``hetmerge.fleet.make_executor("pool" | "ray", ...)``: candidates become tasks with
+retries, results gathered by key). The candidate evaluator is picklable and carries the base, the
+experts' states and the subset data, so a process pool or Ray pays that copy per task. None:
+evaluated in this process.
 """
 from __future__ import annotations
 
@@ -128,6 +130,30 @@ def check_options(opts: dict) -> None:
         raise ValueError("executor: expected an object with map(fn, iterable) (e.g. a concurrent.futures executor)")
 
 
+def _answers(evaluator: "CandidateEvaluator", coeffs: list[float]) -> dict:
+    """One candidate as a task of the zoo's executors (hetmerge.fleet): a plain dict back."""
+    return {"answers": evaluator(coeffs).tolist()}
+
+
+def _runner(executor):
+    """run(fn, candidates) -> answers in candidate order, for: None (this process), a
+    concurrent.futures-style executor (map(fn, iterable), ordered), or the zoo's executors
+    (map(fn, [(key, args)]) yielding outcomes as they finish, with retries)."""
+    if executor is None:
+        return lambda fn, cands: list(map(fn, cands))
+    if callable(getattr(executor, "results", None)):
+        def run(fn, cands):
+            out = {}
+            for o in executor.map(_answers, ((i, (fn, c)) for i, c in enumerate(cands))):
+                if not o.ok:
+                    raise RuntimeError(f"merge3: candidate {cands[o.key]} failed after {o.attempts} attempt(s): "
+                                       f"{o.error}")
+                out[o.key] = torch.tensor(o.result["answers"], dtype=torch.bool)
+            return [out[i] for i in range(len(cands))]
+        return run
+    return lambda fn, cands: list(executor.map(fn, cands))
+
+
 def _per_task(answers: torch.Tensor, sizes: list[int]) -> list[float]:
     return [float(a.float().mean()) for a in torch.split(answers, sizes)]
 
@@ -145,7 +171,7 @@ def merge3(base: nn.Module, states: list, ctx: ModuleContext) -> nn.Module:
     T, data = len(states), list(o["data"])
     if len(data) != T:
         raise ValueError(f"data: {len(data)} (X, y) pairs for {T} experts; give one per expert")
-    run = o["executor"].map if o["executor"] is not None else map
+    run = _runner(o["executor"])
     sizes = [len(y) for _, y in data]
     groups = torch.cat([torch.full((n,), t) for t, n in enumerate(sizes)])
     full = CandidateEvaluator(base, states, data, o["heads"], None)
