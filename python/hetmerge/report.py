@@ -168,6 +168,28 @@ def plot_sweeps(pairs: Sequence[Mapping[str, Any]], path: str | Path, title: str
     return _save(fig, path)
 
 
+def heatmap_panel(ax, M, labels: Sequence[str], name: str, vmin: float, vmax: float, annotate: bool,
+                  cmap="viridis", xlabel: str = "target model (merged in)"):
+    """One base × target barrier matrix on `ax` (NaN cells shown as the colour map's 'bad' colour),
+    values written in the cells when `annotate`; returns the image (for a colour bar)."""
+    import numpy as np
+
+    n = len(labels)
+    im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("base model (architecture kept)")
+    ax.set_title(name, fontsize=10)
+    if annotate:
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(M[i, j]):
+                    ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if M[i, j] < (vmin + vmax) / 2 else "black")
+    return im
+
+
 def plot_heatmaps(labels: Sequence[str], before, after, path: str | Path, title: str) -> Path:
     """Loss-barrier heat maps (rows: base, columns: target), unaligned and aligned on one colour scale.
     before/after: [n][n] lists (None where a pair was not run)."""
@@ -182,18 +204,7 @@ def plot_heatmaps(labels: Sequence[str], before, after, path: str | Path, title:
     size = max(4.0, 0.55 * n + 2.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.2, size))
     for ax, M, name in ((axes[0], A, "unaligned (by position)"), (axes[1], B, "aligned (weight matching)")):
-        im = ax.imshow(M, cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(n), labels, fontsize=7)
-        ax.set_xlabel("target model (merged in)")
-        ax.set_ylabel("base model (architecture kept)")
-        ax.set_title(name, fontsize=10)
-        if n <= 14:
-            for i in range(n):
-                for j in range(n):
-                    if np.isfinite(M[i, j]):
-                        ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                                color="white" if M[i, j] < (vmin + vmax) / 2 else "black")
+        im = heatmap_panel(ax, M, labels, name, vmin, vmax, annotate=n <= 14)
     fig.colorbar(im, ax=axes, shrink=0.8, label="loss barrier (max over λ of loss above the straight line)")
     fig.suptitle(title)
     return _save(fig, path)

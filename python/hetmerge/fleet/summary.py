@@ -10,7 +10,6 @@ is incompatible or failed come after, unordered, with the reason.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -118,18 +117,8 @@ def plot_barriers(labels: list[str], barrier, path: Path, title: str, universe=N
         fig.suptitle(title)
         return R._save(fig, path)
     for ax, (name, _), A in zip(axes[0], mats, arrs):
-        im = ax.imshow(np.ma.masked_invalid(A), cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(n), labels, fontsize=7)
-        ax.set_xlabel("target model (aligned and merged in)")
-        ax.set_ylabel("base model (architecture kept)")
-        ax.set_title(name, fontsize=10)
-        if n <= 16:
-            for i in range(n):
-                for j in range(n):
-                    if math.isfinite(A[i, j]):
-                        ax.text(j, i, f"{A[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                                color="white" if A[i, j] < (vmin + vmax) / 2 else "black")
+        im = R.heatmap_panel(ax, A, labels, name, vmin, vmax, annotate=n <= 16, cmap=cmap,
+                             xlabel="target model (aligned and merged in)")
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="loss barrier on validation (max over λ of loss above "
                  "the straight line)")
     fig.suptitle(title)
