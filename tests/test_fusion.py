@@ -83,11 +83,12 @@ def test_adapter_loads_with_peft_and_adds_its_lora_formula(tmp_path, llama, gpt2
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("basis", ["procrustes", "lstsq"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_self_transfer_at_full_rank_gives_the_fine_tuned_logits(tmp_path, llama, gpt2, family):
+def test_self_transfer_at_full_rank_gives_the_fine_tuned_logits(tmp_path, llama, gpt2, family, basis):
     m = llama if family == "llama" else gpt2
     ft = fine_tune(m, 2)
-    hm.fuse(m, [(m, ft)], CALIB, rank=96, output=tmp_path / "ad")
+    hm.fuse(m, [(m, ft)], CALIB, rank=96, basis=basis, output=tmp_path / "ad")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(m), str(tmp_path / "ad")).eval()
     change = (logits(ft) - logits(m)).abs().max()
     assert change > 0.1
@@ -96,7 +97,7 @@ def test_self_transfer_at_full_rank_gives_the_fine_tuned_logits(tmp_path, llama,
 
 def test_self_transfer_truncates_to_the_best_rank_r_update(llama):
     ft = fine_tune(llama, 3)
-    res = hm.fuse(llama, [(llama, ft)], CALIB, rank=2)
+    res = hm.fuse(llama, [(llama, ft)], CALIB, rank=2, basis="lstsq")
     for name, d in res.deltas.items():
         true = canon(ft, name) - canon(llama, name)
         # o_proj's inputs (GQA heads that attend alike on random weights) are poorly excited: the
@@ -126,7 +127,7 @@ def permuted_llama(m, pr, pm):
     return p
 
 
-@pytest.mark.parametrize("basis", ["lstsq", "permutation"])
+@pytest.mark.parametrize("basis", ["lstsq", "procrustes", "permutation"])
 def test_matcher_recovers_a_planted_permutation_of_the_targets_units(llama, basis):
     g = torch.Generator().manual_seed(11)
     pr, pm = torch.randperm(24, generator=g), torch.randperm(40, generator=g)

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     f.add_argument("--calib-length", type=int, default=64, metavar="T",
                    help="tokens per calibration sequence when --calib is text (default: %(default)s)")
     f.add_argument("--rank", type=int, required=True, metavar="R", help="LoRA rank of the adapter")
-    f.add_argument("--basis", choices=["lstsq", "procrustes", "permutation"], default="lstsq",
+    f.add_argument("--basis", choices=["lstsq", "procrustes", "permutation"], default="procrustes",
                    help="latent-basis maps (default: %(default)s)")
     f.add_argument("--density", type=float, default=1.0, help="TIES trim: share of entries kept per update "
                    "(default: %(default)s)")

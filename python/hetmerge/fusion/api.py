@@ -105,7 +105,7 @@ def calib_ids(calib, models: list[tuple[str, nn.Module]]) -> torch.Tensor:
     return ids
 
 
-def fuse(target, sources, calib, rank: int = 8, basis: str = "lstsq", blocks: dict | None = None,
+def fuse(target, sources, calib, rank: int = 8, basis: str = "procrustes", blocks: dict | None = None,
          density: float = 1.0, temperature: float = 0.1, ridge: float = RIDGE, output=None, overwrite: bool = False) -> FusionResult:
     """Transfer each source's task update into `target` and fuse them into one LoRA adapter.
 
