@@ -269,3 +269,8 @@ def test_cli_fuse_writes_a_peft_adapter_and_refuses_output_onto_an_input(tmp_pat
     assert main(argv + ["--force", "-o", str(tmp_path / "ad")]) == 0
     assert main(["fuse", str(tmp_path / "t"), str(tmp_path / "s"), "--calib", ids, "--rank", "3", "-q",
                  "-o", str(tmp_path / "x")]) == 4                          # no BASE:FT pair
+    pair = f"{tmp_path / 's'}:{tmp_path / 'sft'}"
+    for calib in ("1,2;3", "some text"):        # ragged ids; text without a tokenizer in TARGET_DIR
+        assert main(["fuse", str(tmp_path / "t"), pair, "--calib", calib, "--rank", "3", "-q",
+                     "-o", str(tmp_path / "x")]) == 4
+    assert not (tmp_path / "x").exists()
