@@ -18,7 +18,7 @@ LEVELS = {
     "methods": 6,
     "alignment": 7,
     "merging": 8, "tasks": 8, "many": 8, "repair": 8,
-    "evaluate": 9, "hf_merge": 9, "search": 9,
+    "evaluate": 9, "hf_merge": 9, "search": 9, "fusion": 9,
     "assemble": 10,
     "architectures": 11, "options": 11, "plan": 11, "zoo": 11, "demo": 12, "benchmarks": 12, "fleet": 12,
     "cli": 13,

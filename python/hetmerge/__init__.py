@@ -49,4 +49,6 @@ from .many import ManyAlignment, align_many, merge_many  # noqa: E402  (N models
 __all__ += ["align_many", "merge_many", "ManyAlignment"]
 from .repair import repair  # noqa: E402  (REPAIR; hm.merge(..., repair=X) calls it)
 __all__ += ["repair"]
+from .fusion import fuse  # noqa: E402  (HeteroFusion: LM task updates across families, docs/fusion.md)
+__all__ += ["fuse"]
 # ---- end of the Python layer's block ------------------------------------------------------------

@@ -14,6 +14,7 @@ from .convert import cmd_convert
 from .demo import cmd_demo
 from .bench import cmd_bench
 from .zoo import add_parser as add_zoo_parser
+from .fuse import add_parser as add_fuse_parser
 
 def build_parser() -> argparse.ArgumentParser:
     from ..plan import add_option_flags
@@ -112,4 +113,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_tasks_parser(sub)
     add_assemble_parser(sub)
     add_zoo_parser(sub)
+    add_fuse_parser(sub)
     return p
