@@ -11,7 +11,8 @@ adapter, the source expert itself, a naive baseline (each source update copied b
 target's shape: zero-padded/cropped, what a weight copy does when shapes differ), and the
 noisy-source runs (two experts fine-tuned with different data orders + a random update of the
 expert's norm: agreement-weighted vs equal weights; and one expert + the noise, where agreement
-cannot tell them apart), and least-squares maps instead of the default Procrustes.
+cannot tell them apart), least-squares maps instead of the default Procrustes, the average of the two
+experts' separately transferred adapters, and an ensemble of the target with the source expert.
 """
 from __future__ import annotations
 
@@ -88,6 +89,22 @@ def noisy_like(source, ft, seed):
     return out
 
 
+class Ensemble(torch.nn.Module):
+    """Mean of two byte-level LMs' next-token probabilities (same vocabulary), as log-probabilities."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, input_ids):
+        pa = torch.softmax(self.a(input_ids=input_ids).logits, -1)
+        pb = torch.softmax(self.b(input_ids=input_ids).logits, -1)
+
+        class Out:
+            logits = torch.log(0.5 * (pa + pb))
+        return Out()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400, help="pretraining steps of each family")
@@ -115,15 +132,22 @@ def main() -> int:
     two = hm.fuse(target, [(source, expert), (source, noisy)], calib, rank=a.rank)
     lstsq = hm.fuse(target, [(source, expert)], calib, rank=a.rank, basis="lstsq")
 
-    def apply(res):
+    def apply(*results, weight=1.0):
         m = copy.deepcopy(target)
         with torch.no_grad():
-            for name, d in res.deltas.items():
-                k = f"base_model.model.{name}"
-                ba = res.tensors[k + ".lora_B.weight"] @ res.tensors[k + ".lora_A.weight"]
-                w = m.get_submodule(name).weight
-                w.add_(ba.t() if type(m.get_submodule(name)).__name__ == "Conv1D" else ba)
+            for res in results:
+                for name, d in res.deltas.items():
+                    k = f"base_model.model.{name}"
+                    ba = weight * (res.tensors[k + ".lora_B.weight"] @ res.tensors[k + ".lora_A.weight"])
+                    w = m.get_submodule(name).weight
+                    w.add_(ba.t() if type(m.get_submodule(name)).__name__ == "Conv1D" else ba)
         return m
+
+    # baselines: the two experts transferred one by one and their adapters averaged (no denoising),
+    # and an ensemble of the target and the source expert (mean of their next-byte probabilities)
+    single2 = hm.fuse(target, [(source, expert2)], calib, rank=a.rank)
+    averaged = apply(fused, single2, weight=0.5)
+    ensemble = Ensemble(target, expert)
 
     rows = [("target (Llama d48 L2) before", target), (f"target + fused adapter (r={a.rank})", apply(fused)),
             (f"target + naive copy by position (r={a.rank})", naive_copy(target, source, expert, a.rank)),
@@ -131,6 +155,8 @@ def main() -> int:
             ("target + 2 experts & 1 noisy source, agreement-weighted", apply(fused_noisy)),
             ("target + 2 experts & 1 noisy source, equal weights", apply(equal_noisy)),
             ("target + 1 expert & 1 noisy source, agreement-weighted", apply(two)),
+            ("target + average of the 2 experts' adapters (no denoising)", averaged),
+            ("ensemble: target and source expert (mean of probabilities)", ensemble),
             ("source (GPT-2 d64 L3) base", source), ("source expert (full fine-tune)", expert)]
     print(f"\nstdlib source, {n_chars:,} characters, byte-level; {a.steps} pretraining steps each, "
           f"{a.task_steps} task steps ({t_train:.0f} s); calibration {a.calib}x64 general tokens; "
