@@ -84,3 +84,12 @@ def test_merge_directories_with_per_block_lambda(dirs, capsys):
     for k, v in merged.state_dict().items():
         want = 0.6 * sa[k] + 0.4 * sb[k] if k.startswith("model.layers.1.") else sa[k]
         torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-6)
+
+
+def test_per_block_lambda_errors_name_the_blocks(dirs, capsys):
+    from hetmerge.cli import EXIT_USAGE
+    code = main(["merge", str(dirs / "a"), str(dirs / "b"), "--lam", "model.layers.7=0.4", "-o", str(dirs / "bad")])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "'model.layers.7' is not a block of the base" in err and "model.layers.1" in err
+    assert not (dirs / "bad").exists()

@@ -17,19 +17,10 @@ import torch
 import torch.nn as nn
 
 from .maps import position_map
-from .spec import PermSpec, SpecError, state_dict_of
+from .spec import LayerMapError, PermSpec, SpecError, state_dict_of
 
 __all__ = ["LayerMapError", "NothingToAlignError", "resolve_layer", "Link", "PairedParam", "Pairing",
            "pair_specs"]
-
-
-class LayerMapError(SpecError, KeyError):
-    """A layer key (in a layer map or a per-layer λ) names no layer of its model, or no paired one.
-
-    A KeyError too, as unknown layer keys always were; printed without KeyError's quotes."""
-
-    def __str__(self):
-        return str(self.args[0]) if self.args else ""
 
 
 class NothingToAlignError(SpecError):

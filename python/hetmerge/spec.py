@@ -19,11 +19,20 @@ import torch
 import torch.nn as nn
 
 
-__all__ = ["SpecError", "Layer", "PermSpec", "attach_norm"]
+__all__ = ["SpecError", "LayerMapError", "Layer", "PermSpec", "attach_norm"]
 
 
 class SpecError(ValueError):
     """The permutation graph cannot be derived or a hand-written one is inconsistent."""
+
+
+class LayerMapError(SpecError, KeyError):
+    """A layer key (in a layer map or a per-layer λ) names no layer of its model, or no paired one.
+
+    A KeyError too, as unknown layer keys always were; printed without KeyError's quotes."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from .spec import PermSpec, SpecError
+from .spec import LayerMapError, PermSpec, SpecError
 
 __all__ = ["blocks_of", "layer_map_by_name", "expand_block_lams"]
 
+_BLOCK_PREFIX = re.compile(r".*?\.(?:layers?|h)\.\d+")
 _BLOCK = re.compile(r"(?P<prefix>.*?\.(?:layers?|h)\.)(?P<index>\d+)\.(?P<rest>.+)")
 
 
@@ -88,6 +89,10 @@ def expand_block_lams(lam: Mapping[str, Any], layers) -> dict[str, Any]:
         key = k.strip() if isinstance(k, str) else k
         if isinstance(key, str) and key.startswith("block:"):
             key = _block_prefix(key[len("block:"):], prefixes, "base")
+        if isinstance(key, str) and key not in layers and key not in prefixes and _BLOCK_PREFIX.fullmatch(key):
+            raise LayerMapError(f"lam: {k!r} is not a block of the base; its blocks: "
+                                f"{', '.join(prefixes[:4])}{' ...' if len(prefixes) > 4 else ''} "
+                                f"({len(prefixes)}; also written block:0 .. block:{len(prefixes) - 1})")
         if isinstance(key, str) and key not in layers and key in prefixes:
             for name in layers:
                 if name.startswith(key + "."):

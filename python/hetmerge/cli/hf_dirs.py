@@ -151,6 +151,17 @@ def cmd_merge_hf(args, ui: UI) -> int:
         raise IncompatibleError(f"{target_dir}: model_type {mt!r} differs from the base's {mb!r}; fusing "
                                 "different families is not a merge")
     alignment = _read_alignment_hf(Path(args.alignment), base_dir, target_dir, ui) if args.alignment else None
+    if isinstance(lam, dict):   # block keys expanded, then checked like a file merge's (bad key: 2, unpaired: 4)
+        from ..plan import PlanError
+        from ..spec import LayerMapError
+        from ..transformer_spec import expand_block_lams
+        from .models import layer_lams
+        pairing = alignment.pairing if alignment is not None else hf_pair(base_dir, target_dir)[0]
+        try:
+            lam = expand_block_lams(lam, pairing.base_layers)
+        except LayerMapError as exc:
+            raise PlanError(str(exc)) from None
+        layer_lams(lam, pairing)
     t0 = time.perf_counter()
     merge_hf(base_dir, target_dir, out, lam=lam if isinstance(lam, dict) else float(lam), res=alignment,
              fill=o.fill)
