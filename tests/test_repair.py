@@ -16,8 +16,9 @@ import hetmerge as hm
 from hetmerge import models
 from hetmerge.alignment import Alignment, prepare
 from hetmerge.checkpoint import load_state, save_state
-from hetmerge.cli import EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE, main
+from hetmerge.cli import EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, EXIT_USAGE
 from hetmerge.repair import RepairError, Repairer
+from test_cli_pairing import run   # the CLI in-process: exit code, stdout, stderr, no traceback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,13 +341,6 @@ def test_repair_without_hidden_layers_is_refused():
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, out, err
-
 
 @pytest.fixture
 def ckpts(tmp_path):
