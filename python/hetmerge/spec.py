@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 
-__all__ = ["SpecError", "LayerMapError", "Layer", "PermSpec", "attach_norm"]
+__all__ = ["SpecError", "LayerMapError", "Layer", "Tie", "PermSpec", "attach_norm"]
 
 
 class SpecError(ValueError):
@@ -46,6 +46,26 @@ class Layer:
     params: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class Tie:
+    """Groups whose units come in heads (attention): every group of a tie holds the same number of
+    heads, ``head_units[i]`` consecutive units per head in ``groups[i]``. A map of a tied group moves
+    whole heads, one head map for all groups of the tie (a head's Q/K and V/O stay one head), and
+    inside a head any permutation of that group's units (its own per head and per group).
+
+    An attention block without RoPE ties "qk" (units = the q/k dimensions, head_dim per head) and
+    "vo" (the v dimensions / o's input columns): Q and K share one permutation inside a head, V and
+    O another. With RoPE a rotary pair must keep its frequency, so Q/K cannot move inside a head:
+    its "qk" group's unit is the whole head (head_units 1, head_dim entries per unit as the block).
+    """
+    groups: tuple
+    head_units: tuple
+
+    def heads(self, sizes) -> int:
+        """Number of heads, from the first group's size in `sizes` (group -> units)."""
+        return sizes[self.groups[0]] // self.head_units[0]
+
+
 @dataclass
 class PermSpec:
     """Permutation graph of one model.
@@ -66,6 +86,8 @@ class PermSpec:
                                             sqrt(n_target / n_base) on merging, so that the mean
                                             over the extra zeros leaves the normalized output as it
                                             was (exact up to the norm's eps)
+    ties: name -> Tie                       attention heads: groups whose maps move whole heads, one
+                                            head map for the tie (see Tie)
     """
     groups: dict[str, list[tuple[str, int]]]
     blocks: dict[tuple[str, int], int]
@@ -75,6 +97,7 @@ class PermSpec:
     probes: dict[str, tuple[str, str]] = field(default_factory=dict)
     segments: dict[tuple[str, int], tuple] = field(default_factory=dict)
     rms_norms: frozenset = frozenset()
+    ties: dict = field(default_factory=dict)
 
     def axis_groups(self, key: str, ndim: int) -> tuple[str, ...]:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed
@@ -122,6 +145,37 @@ class PermSpec:
             if (key, ax) in self._axis_to_group:
                 raise SpecError(f"spec: axis ({key!r}, {ax}) is both a concatenation and in group "
                                 f"{self._axis_to_group[(key, ax)]!r}")
+        self.check_ties()
+
+    def check_ties(self) -> None:
+        """SpecError unless every tie names free groups, each in one tie, holding whole heads and
+        the same number of heads."""
+        seen: dict[str, str] = {}
+        for name, tie in self.ties.items():
+            if len(tie.groups) != len(tie.head_units) or not tie.groups:
+                raise SpecError(f"spec: tie {name!r}: one head size per group, got groups {tie.groups} "
+                                f"and head_units {tie.head_units}")
+            heads = set()
+            for g, hu in zip(tie.groups, tie.head_units):
+                if g not in self.sizes:
+                    raise SpecError(f"spec: tie {name!r}: group {g!r} is not a free group of the spec")
+                if g in seen:
+                    raise SpecError(f"spec: group {g!r} is in ties {seen[g]!r} and {name!r}")
+                seen[g] = name
+                if hu < 1 or self.sizes[g] % hu:
+                    raise SpecError(f"spec: tie {name!r}: group {g!r} has {self.sizes[g]} units, not a "
+                                    f"multiple of {hu} units per head")
+                heads.add(self.sizes[g] // hu)
+            if len(heads) != 1:
+                raise SpecError(f"spec: tie {name!r}: its groups hold different numbers of heads "
+                                f"{dict(zip(tie.groups, [self.sizes[g] // hu for g, hu in zip(tie.groups, tie.head_units)]))}")
+
+    def tie_of(self, group: str) -> tuple[str, int] | None:
+        """(tie name, position in the tie) of a group, or None."""
+        for name, tie in self.ties.items():
+            if group in tie.groups:
+                return name, tie.groups.index(group)
+        return None
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{g}={n}" for g, n in list(self.sizes.items())[:8])

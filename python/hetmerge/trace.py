@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .spec import Layer, PermSpec, SpecError, attach_norm
+from .spec import Layer, PermSpec, SpecError, Tie, attach_norm
 
 __all__ = ["Val", "Param", "Tracer", "register_handler", "handler_for", "trace_spec", "as_spec"]
 
@@ -215,6 +215,7 @@ class Tracer:
         self.probes: dict[int, tuple[str, str]] = {}
         self.part_entries: list[tuple[str, int, list]] = []     # add_parts: fused axes
         self.input_groups: list[int] = []                      # groups of the model's inputs
+        self.ties: list[tuple[str, list[tuple[int, int]]]] = []    # add_tie: attention heads
         self.node: fx.Node | None = None                       # node being handled (for messages)
 
     # -- reading the node ---------------------------------------------------------------------
@@ -323,6 +324,12 @@ class Tracer:
         (a fused q|k|v projection: three parts of one heads group). Each group's size must be
         known from another axis (a plain or blocked entry)."""
         self.part_entries.append((key, axis, list(parts)))
+
+    def add_tie(self, name: str, groups: list[tuple[int, int]]) -> None:
+        """Record that these groups hold attention heads: (group, units per head) each, e.g.
+        [(qk, head_dim), (vo, head_dim)] (one head map for all, any permutation inside a head);
+        a group whose units are whole heads (RoPE Q/K) has 1 unit per head (spec.Tie)."""
+        self.ties.append((name, list(groups)))
 
     def add_layer(self, path: str, params: dict[str, str]) -> int:
         self.layers.append([path, params])
@@ -630,8 +637,14 @@ class Tracer:
         for g in list(probes):
             if g in fixed:
                 del probes[g]
+        ties = {}
+        for name, members in self.ties:
+            roots = [uf.find(g) for g, _ in members]
+            if any(uf.fixed[r] for r in roots):
+                continue    # heads whose units reach a fixed axis cannot move (nothing to tie)
+            ties[name] = Tie(tuple(name_of(r) for r in roots), tuple(hu for _, hu in members))
         return PermSpec(groups, blocks, sizes, frozenset(fixed), [Layer(n, p) for n, p in self.layers],
-                        probes, segments)
+                        probes, segments, ties=ties)
 
     def _segments(self, key: str, ax: int, blk: Any, parts: list[int], units: dict, name_of) -> tuple:
         """(group, units, block) per part of a concatenated axis, checked against the tensor."""
