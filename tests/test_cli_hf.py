@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from hetmerge.heads import random_perms
 from hetmerge.cli import EXIT_FILE, EXIT_INCOMPATIBLE, EXIT_OK, main
 from hf_models import build, outputs
 
@@ -21,7 +22,8 @@ def test_inspect_directories_prints_the_transformer_groups(dirs, capsys):
     assert main(["inspect", str(dirs / "a"), str(dirs / "b")]) == EXIT_OK
     out = capsys.readouterr().out
     assert "Hugging Face, llama" in out and "residual" in out and "model.layers.1.mlp" in out
-    assert "model.layers.1.attn" in out and "attention heads move as whole heads" in out
+    assert "model.layers.1.attn.qk" in out and "model.layers.1.attn.vo" in out
+    assert "attention heads move as whole heads" in out and "V/O dimensions move inside a head" in out
 
 
 def test_merge_directories_is_the_linear_merge_and_loads(dirs, capsys):
@@ -54,8 +56,7 @@ def test_align_then_merge_directories_recovers_a_planted_permutation(dirs, tmp_p
     model, inputs = build("llama", 0)
     view = AlignView(model)
     spec = transformer_spec(view)
-    g = torch.Generator().manual_seed(5)
-    perms = {name: torch.randperm(n, generator=g) for name, n in spec.sizes.items()}
+    perms = random_perms(spec, torch.Generator().manual_seed(5))     # heads move whole
     shuffled = AlignView(copy.deepcopy(model))
     shuffled.load_state_dict(permute_state(spec, view.state_dict(), perms))
     torch.testing.assert_close(outputs(shuffled.model, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
-from .methods import WeightMatching, activation_costs
+from .heads import is_structured, solve_tie
+from .methods import WeightMatching, activation_costs, descent, solve_link
 from .pairing import Pairing, pair_specs
 from .trace import as_spec
 
@@ -81,6 +81,11 @@ class Alignment:
                                      f"{int(m.min()) if m.numel() else '-'}..{int(m.max()) if m.numel() else '-'})"
                                      f" does not fit these models: they need {link.n_a} distinct entries < "
                                      f"{link.n_b} (-1 = padding); it was computed for other models — align again")
+        for tie in pairing.ties.values():
+            if not is_structured(tie, self.maps):
+                raise AlignmentError(f"{where}: maps {list(tie.links)} move units between attention heads "
+                                     f"of {tie.name!r}; a map of a head's units must keep them in one head, "
+                                     "the same head for all of them (hetmerge.heads) — align again")
         extra = sorted(set(self.maps) - set(pairing.links))
         if extra:
             raise AlignmentError(f"{where}: maps {extra} match no link of these models; it was computed for "
@@ -223,61 +228,6 @@ def prepare(base: nn.Module, target: nn.Module, layer_map=None, base_spec=None, 
     return pair_specs(base, target, bspec, tspec, layer_map), bspec, tspec
 
 
-def solve_link(C: torch.Tensor) -> torch.Tensor:
-    """Index map [n_a] from a cost [n_a, n_b] (maximize): src[row] = col, -1 where unassigned."""
-    row, col = ops.linear_assignment(C, maximize=True)
-    src = torch.full((C.shape[0],), -1, dtype=torch.long, device=C.device)
-    src[torch.as_tensor(row, device=C.device)] = torch.as_tensor(col, dtype=torch.long, device=C.device)
-    return src
-
-
-def _descent(wm: WeightMatching, maps: dict, order_links: list[str], rng: np.random.Generator,
-             max_iter: int, tol: float, timings: dict,
-             on_sweep: Callable[[int, float, float], None] | None = None) -> tuple[dict, float, list[float], int, bool]:
-    """Coordinate descent from `maps`; returns the best maps seen, their objective, the trace."""
-    t0 = time.perf_counter()
-    obj = wm.objective(maps)
-    timings["objective"] += time.perf_counter() - t0
-    trace = [obj / wm.scale]
-    best_maps, best = dict(maps), obj
-    version = {n: 0 for n in maps}
-    solved_at: dict[str, tuple] = {}
-    it, converged = 0, not order_links
-    while it < max_iter and order_links:
-        it += 1
-        for i in rng.permutation(len(order_links)):
-            ln = order_links[i]
-            # a link's cost depends only on its neighbours' maps: if none changed since it was last
-            # solved, the solution is the same and the solve is skipped
-            key = tuple(version[o] for o in wm.neighbours[ln])
-            if solved_at.get(ln) == key:
-                continue
-            solved_at[ln] = key
-            t0 = time.perf_counter()
-            C = wm.cost(ln, maps)
-            t1 = time.perf_counter()
-            new = solve_link(C)
-            timings["cost"] += t1 - t0
-            timings["assign"] += time.perf_counter() - t1
-            if not torch.equal(new, maps[ln]):
-                maps[ln] = new
-                version[ln] += 1
-        t0 = time.perf_counter()
-        new_obj = wm.objective(maps)
-        timings["objective"] += time.perf_counter() - t0
-        trace.append(new_obj / wm.scale)
-        gain = new_obj - obj
-        obj = new_obj
-        if on_sweep is not None:
-            on_sweep(it, new_obj / wm.scale, gain / wm.scale)
-        if obj > best:
-            best_maps, best = dict(maps), obj
-        if gain <= tol * abs(obj):
-            converged = True
-            break
-    return best_maps, best, trace, it, converged
-
-
 def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=None, data: Any = None,
           restarts: int = 1, max_iter: int = 100, tol: float = 1e-9, seed: int = 0,
           objective: str = "inner", base_spec=None, target_spec=None,
@@ -327,12 +277,25 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
         costs = activation_costs(pairing, base, target, bspec, tspec, X)
         timings["cost"] += time.perf_counter() - t0
         act_obj = 0.0
-        for n, C in costs.items():
+        for n in list(costs):
+            tie = pairing.tie_of(n)
+            if tie is not None and not all(l in costs for l in tie.links):
+                del costs[n]     # a tie is solved whole: without every link's activations, by weights
+        solved = set()
+        for n in costs:
+            if n in solved:
+                continue
+            tie = pairing.tie_of(n)
+            step = tie.links if tie is not None else (n,)
             t0 = time.perf_counter()
-            init[n] = solve_link(C)
+            new = solve_tie(tie, {l: costs[l] for l in step}) if tie is not None else {n: solve_link(costs[n])}
             timings["assign"] += time.perf_counter() - t0
-            ok = init[n] >= 0
-            act_obj += float(C[torch.arange(C.shape[0], device=C.device)[ok], init[n][ok]].sum())
+            for l, m in new.items():
+                init[l] = m
+                ok = m >= 0
+                C = costs[l]
+                act_obj += float(C[torch.arange(C.shape[0], device=C.device)[ok], m[ok]].sum())
+            solved.update(step)
         free = [n for n in free if n not in costs]
 
     # one cost cache for all restarts: an entry is the cost for the map it records, whichever run
@@ -342,7 +305,7 @@ def align(base: nn.Module, target: nn.Module, method: str = "weight", layer_map=
     for r in range(restarts):
         rng = np.random.default_rng(seed + r)
         on_sweep = None if callback is None else (lambda it, o, g, r=r: callback(r, it, o, g))
-        results.append(_descent(wm, dict(init), free, rng, max_iter, tol, timings, on_sweep))
+        results.append(descent(wm, dict(init), free, rng, max_iter, tol, timings, on_sweep))
     best = max(range(restarts), key=lambda i: results[i][1])
     maps, obj, trace, iters, conv = results[best]
     timings["total"] = time.perf_counter() - t_start

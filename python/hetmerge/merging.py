@@ -33,7 +33,9 @@ __all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", 
 class MergeItem:
     """One paired tensor: base[base_key] <- target[target_key] through entry maps (rows over axis 0,
     cols over axis 1; None = not permuted), merged at factor `lam` (0 keeps the base); the target
-    tensor is multiplied by `scale` first (RMSNorm gains zero-padded into a wider stream)."""
+    tensor is multiplied by `scale` first (RMSNorm gains zero-padded into a wider stream), and its
+    entries start:start+length of an axis by factor for each (axis, start, length, factor) in
+    `part_scales` (the Q part of a fused q|k|v whose heads are padded)."""
     base_key: str
     target_key: str
     layer: str
@@ -41,6 +43,7 @@ class MergeItem:
     cols: torch.Tensor | None
     lam: float
     scale: float = 1.0
+    part_scales: tuple = ()
 
 
 def layer_lams(pairing: Pairing, lam, extrapolate: bool = False) -> dict[str, float]:
@@ -91,8 +94,18 @@ def merge_items(pairing: Pairing, maps: Mapping[str, torch.Tensor], lam=1.0,
         if value == 0.0:
             continue
         rows, cols = transform(pp, maps)
-        items.append(MergeItem(pp.base_key, pp.target_key, pp.layer, rows, cols, value, pp.scale))
+        items.append(MergeItem(pp.base_key, pp.target_key, pp.layer, rows, cols, value, pp.scale,
+                               pp.part_scales))
     return items
+
+
+def _scale_part(b: torch.Tensor, ax: int, start: int, length: int, factor: float,
+                target_rows: torch.Tensor | None) -> torch.Tensor:
+    """b with its target entries start:start+length along `ax` times `factor` (b holds the target
+    rows `target_rows` when only some were read)."""
+    idx = torch.arange(b.shape[ax]) if target_rows is None else target_rows
+    f = torch.where((idx >= start) & (idx < start + length), factor, 1.0).to(b.dtype).to(b.device)
+    return b * f.reshape([-1] + [1] * (b.dim() - 1 - ax))
 
 
 def _lambda_tensor(lambdas, dtype: torch.dtype) -> torch.Tensor:
@@ -105,6 +118,7 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
     """[K, *rows of the base tensor]: (1 - λ_k)·A + λ_k·T(B) for λ_k in `lambdas` (default
     [item.lam]), one ``ops.interpolate``. `row_range` = (i0, i1) merges base rows i0:i1 only and reads
     just the target rows they use, from sources that can read rows (memory-mapped checkpoints)."""
+    target_rows = None     # target row of each row of b, where b holds only some
     if row_range is None:
         a = base[item.base_key].detach()
         b = target[item.target_key].detach()
@@ -114,20 +128,25 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
         a = _rows(base, item.base_key, i0, i1)
         if item.rows is None:   # axis 0 is not permuted (same size): the same rows of the target
             b, rows = _rows(target, item.target_key, i0, i1), None
+            target_rows = torch.arange(i0, i0 + b.shape[0])
         else:                   # gather just the target rows this block uses, renumbered
             rows = item.rows[i0:i1]
             used = rows[rows >= 0]
             b = _gather(target, item.target_key, used)
+            target_rows = used.cpu()
             local = torch.full_like(rows, -1)
             local[rows >= 0] = torch.arange(len(used), dtype=rows.dtype, device=rows.device)
             rows = local
     rows = None if rows is None else rows.to(a.device)
     cols = None if item.cols is None else item.cols.to(a.device)
-    if item.scale != 1.0:
+    if item.scale != 1.0 or item.part_scales:
         # scaled in float32 (or wider) and rounded once, with the interpolation
         wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
         lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, wide).to(a.device)
-        return ops.interpolate(a.to(wide), b.to(wide) * item.scale, lam, rows, cols, fill=fill).to(a.dtype)
+        b = b.to(wide) * item.scale
+        for ax, start, length, factor in item.part_scales:
+            b = _scale_part(b, ax, start, length, factor, target_rows if ax == 0 else None)
+        return ops.interpolate(a.to(wide), b, lam, rows, cols, fill=fill).to(a.dtype)
     if a.dtype != b.dtype:
         # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and
         # round once to the base's, rather than rounding the target first

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .heads import TieLink, fold_softmax_scales, pair_ties, tie_position_maps
 from .maps import position_map
 from .spec import LayerMapError, PermSpec, SpecError, state_dict_of
 
@@ -53,6 +54,9 @@ class PairedParam:
     # q|k|v projection), its parts in order as (link, n_a, n_b, block); links/blocks then hold the
     # first part's
     segments: tuple = ()
+    # ((axis, start, length, factor), ...): target entries start:start+length of that axis are
+    # multiplied by factor on merging (a padded head's Q: the softmax scale of the wider head)
+    part_scales: tuple = ()
 
 
 @dataclass
@@ -63,9 +67,17 @@ class Pairing:
     cases: dict[str, str]                # base layer -> "same size" / "size-compatible" / "size-incompatible"
     base_layers: list[str] = field(default_factory=list)     # every layer, shallow to deep (per-layer λ
     target_layers: list[str] = field(default_factory=list)   # keys are resolved against them)
+    ties: dict[str, TieLink] = field(default_factory=dict)   # attention heads (hetmerge.heads)
 
     def position_maps(self) -> dict[str, torch.Tensor]:
-        return {n: position_map(l.n_a, l.n_b) for n, l in self.links.items()}
+        """Unit i <- unit i (padding past the target's units); tied links head by head."""
+        out = {n: position_map(l.n_a, l.n_b) for n, l in self.links.items()}
+        for tie in self.ties.values():
+            out.update(tie_position_maps(tie))
+        return out
+
+    def tie_of(self, link: str) -> TieLink | None:
+        return next((t for t in self.ties.values() if link in t.links), None)
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
@@ -331,9 +343,13 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
                 parts = []
                 for (g_a, n_a, ba), (g_b, n_b, bb) in zip(pa, pb):
                     if ba != bb:
+                        why = ("attention heads of different sizes that cannot be padded: their Q/K "
+                               "move only as whole heads (rotary position embeddings, whose "
+                               "frequencies depend on the head size, or a per-head norm)"
+                               if base_spec.tie_of(g_a) else
+                               "different spatial sizes before a flatten, or different head sizes")
                         raise SpecError(f"pair_specs: {bkey!r} axis {ax} holds {ba} entries per unit but "
-                                        f"{tkey!r} holds {bb} (different spatial sizes before a flatten, "
-                                        "or different attention head sizes)")
+                                        f"{tkey!r} holds {bb}: {why}")
                     parts.append((g_a, g_b, n_a, n_b, ba))
                 axes.append(parts)
             raw.append((bkey, tkey, bname, axes))
@@ -372,4 +388,8 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
             scale = math.sqrt(axes[0][0][3] / axes[0][0][2])
         params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks), scale,
                                   tuple(segments) if any(segments) else ()))
-    return Pairing(lmap, links, params, cases, bl, tl)
+    ties = pair_ties(base_spec, target_spec, links)
+    if ties:
+        params = fold_softmax_scales(params, ties, target_spec)
+    return Pairing(lmap, links, params, cases, bl, tl, ties)
+

@@ -57,9 +57,15 @@ class Tie:
     "vo" (the v dimensions / o's input columns): Q and K share one permutation inside a head, V and
     O another. With RoPE a rotary pair must keep its frequency, so Q/K cannot move inside a head:
     its "qk" group's unit is the whole head (head_units 1, head_dim entries per unit as the block).
+
+    queries: (key, axis, part) of the tensors holding Q (part: the place in a concatenated axis such
+    as a fused q|k|v, else 0). A model zero-padded into wider heads computes its logits with the
+    wider model's softmax scale 1/sqrt(d_head); merging multiplies its Q by sqrt(d_base / d_target)
+    so that its logits stay what they were.
     """
     groups: tuple
     head_units: tuple
+    queries: tuple = ()
 
     def heads(self, sizes) -> int:
         """Number of heads, from the first group's size in `sizes` (group -> units)."""
@@ -192,8 +198,10 @@ class PermSpec:
     @classmethod
     def from_groups(cls, model: nn.Module | Mapping[str, torch.Tensor],
                     groups: Mapping[str, Sequence[Sequence[Any]]], fixed: Sequence[str] = (),
-                    layers: Sequence[Layer] | None = None) -> "PermSpec":
+                    layers: Sequence[Layer] | None = None,
+                    ties: Mapping[str, Tie] | None = None) -> "PermSpec":
         """Validate a hand-written spec: group -> [(key, axis) or (key, axis, block)].
+        ties: {name: Tie} for attention heads (see Tie).
 
         Every axis of a group must hold the same number of units (axis size / block) in this model;
         only axes 0 and 1 can be permuted. Layers default to the state dict's modules in order, a
@@ -235,7 +243,7 @@ class PermSpec:
         if layers is None:
             layers = _layers_from_state(sd)
         return cls(gs, blocks, {g: n for g, n in sizes.items() if g not in fixed}, frozenset(fixed),
-                   list(layers))
+                   list(layers), ties=dict(ties or {}))
 
 
 def state_dict_of(model) -> dict[str, torch.Tensor]:

@@ -325,11 +325,12 @@ class Tracer:
         known from another axis (a plain or blocked entry)."""
         self.part_entries.append((key, axis, list(parts)))
 
-    def add_tie(self, name: str, groups: list[tuple[int, int]]) -> None:
+    def add_tie(self, name: str, groups: list[tuple[int, int]], queries=()) -> None:
         """Record that these groups hold attention heads: (group, units per head) each, e.g.
         [(qk, head_dim), (vo, head_dim)] (one head map for all, any permutation inside a head);
-        a group whose units are whole heads (RoPE Q/K) has 1 unit per head (spec.Tie)."""
-        self.ties.append((name, list(groups)))
+        a group whose units are whole heads (RoPE Q/K) has 1 unit per head. queries: (key, axis,
+        part) of the Q tensors (spec.Tie)."""
+        self.ties.append((name, list(groups), tuple(queries)))
 
     def add_layer(self, path: str, params: dict[str, str]) -> int:
         self.layers.append([path, params])
@@ -638,11 +639,11 @@ class Tracer:
             if g in fixed:
                 del probes[g]
         ties = {}
-        for name, members in self.ties:
+        for name, members, queries in self.ties:
             roots = [uf.find(g) for g, _ in members]
             if any(uf.fixed[r] for r in roots):
                 continue    # heads whose units reach a fixed axis cannot move (nothing to tie)
-            ties[name] = Tie(tuple(name_of(r) for r in roots), tuple(hu for _, hu in members))
+            ties[name] = Tie(tuple(name_of(r) for r in roots), tuple(hu for _, hu in members), queries)
         return PermSpec(groups, blocks, sizes, frozenset(fixed), [Layer(n, p) for n, p in self.layers],
                         probes, segments, ties=ties)
 

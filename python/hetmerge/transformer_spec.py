@@ -43,104 +43,14 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from .spec import Layer, PermSpec, SpecError
+from .spec import Layer, PermSpec, SpecError, Tie
+from .transformer_families import (_HD, _NORM_GAIN, _O_PROJ, _QH, _QUERIES, _REP, _RMS_NORM_FAMILIES,
+                                   _ROPE_FAMILIES, _VIEWS, FAMILIES, FUSED, RESIDUAL)
 from .transformer_layers import blocks_of, expand_block_lams, layer_map_by_name
 
 __all__ = ["FAMILIES", "RESIDUAL", "transformer_spec", "layer_map_by_name", "blocks_of", "expand_block_lams", "canonical_state", "CanonicalState",
            "AlignView", "tied_aliases", "model_type"]
 
-RESIDUAL = "residual"
-
-# A rule: (regex over the key, [(group, axis[, block]), ...]). "{L}" in a group name is the regex's
-# "L" capture (the block's prefix); an empty list means every axis of that tensor stays fixed.
-# Attention heads are the units of "{L}attn": a block of _HD (head_dim) rows of k/v, or _QH
-# (head_dim · query heads per key/value head) rows of q and columns of o, so a K/V head and the query
-# heads that share it (GQA) move together, and nothing moves inside a head (RoPE pairs stay put).
-_R, _MLP, _ATT = RESIDUAL, "{L}mlp", "{L}attn"
-_HD, _QH = "head_dim", "query_group"
-_LLAMA = [
-    (r"(.*\.)?embed_tokens\.weight", [(_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)(input_layernorm|post_attention_layernorm)\.weight", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.q_proj\.weight", [(_ATT, 0, _QH), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[kv]_proj\.weight", [(_ATT, 0, _HD), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.q_proj\.bias", [(_ATT, 0, _QH)]),     # Qwen2
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.[kv]_proj\.bias", [(_ATT, 0, _HD)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.o_proj\.weight", [(_R, 0), (_ATT, 1, _QH)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)self_attn\.o_proj\.bias", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.(gate|up)_proj\.weight", [(_MLP, 0), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.(gate|up)_proj\.bias", [(_MLP, 0)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.down_proj\.weight", [(_R, 0), (_MLP, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.down_proj\.bias", [(_R, 0)]),
-    (r"(.*\.)?norm\.weight", [(_R, 0)]),
-    (r"(lm_head|score)\.weight", [(_R, 1)]),
-    (r"(lm_head|score)\.bias", []),
-]
-_GPT2 = [   # Conv1D weights are [in, out]
-    (r"(.*\.)?w[tp]e\.weight", [(_R, 1)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)ln_[12]\.(weight|bias)", [(_R, 0)]),
-    # c_attn's output axis is q | k | v: three parts, each the block's heads (one map for all three)
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.weight", [(_R, 0), (_ATT, 1, _HD, 3)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_attn\.bias", [(_ATT, 0, _HD, 3)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.weight", [(_ATT, 0, _HD), (_R, 1)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.c_proj\.bias", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)attn\.(masked_)?bias", []),                      # causal-mask buffers
-    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_fc\.weight", [(_R, 0), (_MLP, 1)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_fc\.bias", [(_MLP, 0)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_proj\.weight", [(_MLP, 0), (_R, 1)]),
-    (r"(?P<L>(.*\.)?h\.\d+\.)mlp\.c_proj\.bias", [(_R, 0)]),
-    (r"(.*\.)?ln_f\.(weight|bias)", [(_R, 0)]),
-    (r"(lm_head|score)\.weight", [(_R, 1)]),
-    (r"(lm_head|score)\.bias", []),
-]
-# BERT and ViT (transformers 4.x names) share the encoder layout (post-LN in BERT, pre-LN in ViT:
-# the same groups)
-_ENCODER = [
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.weight",
-     [(_ATT, 0, _HD), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.(self|attention)\.(query|key|value)\.bias", [(_ATT, 0, _HD)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.output\.dense\.weight", [(_R, 0), (_ATT, 1, _HD)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)attention\.output\.dense\.bias", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)intermediate\.dense\.weight", [(_MLP, 0), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)intermediate\.dense\.bias", [(_MLP, 0)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)output\.dense\.weight", [(_R, 0), (_MLP, 1)]),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)output\.dense\.bias", [(_R, 0)]),
-    (r"(.*\.)?pooler\.dense\.weight", [(_R, 1)]),
-    (r"(.*\.)?pooler\.dense\.bias", []),
-]
-_BERT = [
-    (r"(.*\.)?embeddings\.(word|position|token_type)_embeddings\.weight", [(_R, 1)]),
-    (r"(.*\.)?embeddings\.LayerNorm\.(weight|bias)", [(_R, 0)]),
-    (r"(.*\.)?embeddings\.position_ids", []),
-    (r"(.*\.)?embeddings\.token_type_ids", []),
-    (r"(?P<L>(.*\.)?layer\.\d+\.)(attention\.)?output\.LayerNorm\.(weight|bias)", [(_R, 0)]),
-    *_ENCODER,
-    (r"classifier\.(weight|bias)", []),          # reads the pooler's output (fixed)
-]
-_VIT = [
-    (r"(.*\.)?embeddings\.(cls_token|mask_token|position_embeddings)", [(_R, 1)]),   # 2-D views
-    (r"(.*\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?layers?\.\d+\.)layernorm_(before|after)\.(weight|bias)", [(_R, 0)]),
-    (r"(.*\.)?layernorm\.(weight|bias)", [(_R, 0)]),
-    *_ENCODER,
-    # transformers >= 5 names: layers.i.attention.{q,k,v,o}_proj, layers.i.mlp.fc1/fc2
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.weight", [(_ATT, 0, _HD), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.[qkv]_proj\.bias", [(_ATT, 0, _HD)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.o_proj\.weight", [(_R, 0), (_ATT, 1, _HD)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)attention\.o_proj\.bias", [(_R, 0)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc1\.weight", [(_MLP, 0), (_R, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc1\.bias", [(_MLP, 0)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc2\.weight", [(_R, 0), (_MLP, 1)]),
-    (r"(?P<L>(.*\.)?layers\.\d+\.)mlp\.fc2\.bias", [(_R, 0)]),
-    (r"classifier\.weight", [(_R, 1)]),          # reads the final norm's CLS token
-    (r"classifier\.bias", []),
-]
-# families whose norms are RMSNorm (gain only, statistic = root mean square over the stream)
-_RMS_NORM_FAMILIES = {"llama", "mistral", "qwen2"}
-_NORM_GAIN = re.compile(r"(.*\.)?(input_layernorm|post_attention_layernorm|norm)\.weight")
-FAMILIES: dict[str, list] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2,
-                             "bert": _BERT, "vit": _VIT}
-# tensors whose hidden axis is the last of [1, n, d]: seen as [n, d]
-_VIEWS = {"vit": re.compile(r"(.*\.)?embeddings\.(cls_token|mask_token|position_embeddings)")}
 _COMPILED = {fam: [(re.compile(rx), entries) for rx, entries in rules] for fam, rules in FAMILIES.items()}
 
 
@@ -169,20 +79,35 @@ def _view_shape(mt: str, key: str, shape: tuple) -> tuple | None:
 
 
 class CanonicalState(Mapping):
-    """{key: tensor} of a raw state with the family's [1, n, d] tensors seen as [n, d] and the given
-    aliases left out; ``restore(key, t)`` gives a tensor back its stored shape."""
+    """{key: tensor} of a raw state with the family's [1, n, d] tensors seen as [n, d], o_proj's
+    columns under GQA reordered (head, dim, query head) and the given aliases left out;
+    ``restore(key, t)`` gives a tensor back its stored shape and order."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], mt: str, aliases=()):
+    def __init__(self, state: Mapping[str, torch.Tensor], mt: str, aliases=(), config: Any = None):
         self.state = state
         self.aliases = frozenset(aliases)
         meta = state.meta() if hasattr(state, "meta") else state
         self.shapes = OrderedDict((k, tuple(v.shape)) for k, v in meta.items() if k not in self.aliases)
         self.views = {k: v for k, s in self.shapes.items() if (v := _view_shape(mt, k, s)) is not None}
+        # query heads per key/value head and head size, where o_proj's columns need reordering
+        self.o_layout = None
+        if config is not None and mt in _ROPE_FAMILIES:
+            hb = head_blocks(config)
+            rep = hb[_REP]
+            if rep > 1:
+                self.o_layout = (rep, hb[_HD])
+
+    def _o(self, key: str) -> tuple | None:
+        return self.o_layout if self.o_layout is not None and _O_PROJ.fullmatch(key) else None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self.aliases:
             raise KeyError(key)
         t = self.state[key]
+        lay = self._o(key)
+        if lay is not None:
+            rep, hd = lay
+            return t.reshape(t.shape[0], -1, rep, hd).transpose(2, 3).reshape(t.shape[0], -1)
         return t.reshape(self.views[key]) if key in self.views else t
 
     def __iter__(self) -> Iterator[str]:
@@ -197,11 +122,15 @@ class CanonicalState(Mapping):
                            for k, s in self.shapes.items())
 
     def restore(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        lay = self._o(key)
+        if lay is not None:
+            rep, hd = lay
+            t = t.reshape(t.shape[0], -1, hd, rep).transpose(2, 3).reshape(t.shape[0], -1)
         return t.reshape(self.shapes[key])
 
 
 def canonical_state(config: Any, state: Mapping[str, torch.Tensor], aliases=()) -> CanonicalState:
-    return CanonicalState(state, model_type(config), aliases)
+    return CanonicalState(state, model_type(config), aliases, config)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -240,7 +169,7 @@ class AlignView(nn.Module):
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         sd = self.model.state_dict(keep_vars=keep_vars)
-        cs = CanonicalState(sd, self.model_type, self.aliases)
+        cs = CanonicalState(sd, self.model_type, self.aliases, self.config)
         out = OrderedDict((prefix + k, cs[k]) for k in cs)
         if destination is not None:
             destination.update(out)
@@ -248,12 +177,13 @@ class AlignView(nn.Module):
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict(keep_vars=True).items()}
+        own = self.model.state_dict(keep_vars=True)
+        cs = CanonicalState(own, self.model_type, self.aliases, self.config)
         full = OrderedDict()
         for k, v in state_dict.items():
-            if k not in shapes:
+            if k not in own:
                 raise KeyError(f"AlignView.load_state_dict: unexpected key {k!r}")
-            full[k] = v.reshape(shapes[k])
+            full[k] = cs.restore(k, v) if k in cs.shapes else v.reshape(own[k].shape)
         for alias, src in self.aliases.items():
             if src in full:
                 full[alias] = full[src]
@@ -311,11 +241,11 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
             raise SpecError(f"transformer_spec: tensor {key!r} {tuple(t.shape)} matches no rule of the "
                             f"{mt!r} family; add one to transformer_spec.FAMILIES[{mt!r}]")
         for g, ax, *blk in entries:
-            name = g.replace("{L}", m.group("L")) if "{L}" in g else g
-            if len(blk) == 2:       # a fused axis: `parts` equal parts, each the group's units
-                block, parts = blocks[blk[0]], blk[1]
-                fused[(key, ax)] = tuple((name, t.shape[ax] // (block * parts), block) for _ in range(parts))
+            if g == FUSED:          # an axis of equal parts, one per group (block 1)
+                names = [p.replace("{L}", m.group("L")) for p in blk[0]]
+                fused[(key, ax)] = tuple((n, t.shape[ax] // len(names), 1) for n in names)
                 continue
+            name = g.replace("{L}", m.group("L")) if "{L}" in g else g
             groups.setdefault(name, []).append((key, ax, blocks[blk[0]]) if blk else (key, ax))
         if t.is_floating_point():   # integer buffers (position ids, masks) are not merged
             prefix, _, local = key.rpartition(".")
@@ -327,13 +257,36 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     layers = [Layer(name, modules[name]) for name in sorted(modules, key=_natural)]
     spec = PermSpec.from_groups(state, groups, layers=layers)
     for (key, ax), parts in fused.items():
-        if parts[0][0] not in spec.sizes or spec.sizes[parts[0][0]] != parts[0][1]:
-            raise SpecError(f"transformer_spec: {key!r} axis {ax} holds {len(parts)}×{parts[0][1]} heads but "
-                            f"group {parts[0][0]!r} has {spec.sizes.get(parts[0][0])}")
+        for name, n, _ in parts:
+            have = spec.sizes.setdefault(name, n)    # a group that only a fused axis holds (GPT-2's qk)
+            spec.groups.setdefault(name, [])
+            if have != n:
+                raise SpecError(f"transformer_spec: {key!r} axis {ax} holds parts of {n} units of group "
+                                f"{name!r}, which has {have}")
     spec.segments = dict(fused)
     if mt in _RMS_NORM_FAMILIES:
         spec.rms_norms = frozenset(k for k, *_ in groups[RESIDUAL] if _NORM_GAIN.fullmatch(k))
+    spec.ties = _attention_ties(spec, meta, mt, blocks)
+    spec.check_ties()
     return spec
+
+
+def _attention_ties(spec: PermSpec, meta, mt: str, blocks: dict) -> dict[str, Tie]:
+    """One tie per block: its qk and vo groups, with the tensors holding Q."""
+    ties = {}
+    rope = mt in _ROPE_FAMILIES
+    for g in spec.sizes:
+        if not g.endswith(".attn.qk"):
+            continue
+        block = g[:-len("attn.qk")]
+        vo = block + "attn.vo"
+        if vo not in spec.sizes:
+            raise SpecError(f"transformer_spec: block {block!r} has query/key projections but no value "
+                            "projection")
+        queries = tuple((k, ax, part) for k in meta if k.startswith(block)
+                        for rx, ax, part in _QUERIES if rx.fullmatch(k))
+        ties[block + "attn"] = Tie((g, vo), (1 if rope else blocks[_HD], blocks[_HD]), queries)
+    return ties
 
 
 def _config_value(config: Any, *names: str):
@@ -345,7 +298,8 @@ def _config_value(config: Any, *names: str):
 
 
 def head_blocks(config: Any) -> dict[str, int]:
-    """{"head_dim": rows of one k/v head, "query_group": rows of the query heads sharing it}."""
+    """{"head_dim": rows of one k/v head, "query_group": rows of the query heads sharing it,
+    "query_heads": query heads per key/value head}."""
     heads = _config_value(config, "num_attention_heads", "n_head")
     hidden = _config_value(config, "hidden_size", "n_embd")
     if not heads or not hidden:
@@ -355,7 +309,7 @@ def head_blocks(config: Any) -> dict[str, int]:
     if heads % kv:
         raise SpecError(f"transformer_spec: num_attention_heads {heads} is not a multiple of "
                         f"num_key_value_heads {kv}")
-    return {_HD: int(head_dim), _QH: int(head_dim) * (heads // kv)}
+    return {_HD: int(head_dim), _QH: int(head_dim) * (heads // kv), _REP: int(heads // kv)}
 
 
 def _natural(name: str) -> list:

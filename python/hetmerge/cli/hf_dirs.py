@@ -59,9 +59,12 @@ def cmd_inspect_hf(args, ui: UI) -> int:
     ui.out(f"{len(pairing.layer_map)} layers paired by name; links:")
     ui.out("  " + R.table(lrows, align_left=["link", "map"]).replace("\n", "\n  "))
     ui.out("")
-    ui.out("attention heads move as whole heads (a key/value head with its query heads); nothing moves "
-           "inside a head. Without --alignment, hetmerge merge on these directories is a plain linear "
-           "merge of same-named layers")
+    rope = any(t.head_units[0] == 1 for t in spec.ties.values())
+    inside = ("V/O dimensions move inside a head (rotary embeddings keep Q/K in place)" if rope else
+              "inside a head Q/K dimensions move together, and V/O dimensions together")
+    ui.out(f"attention heads move as whole heads (a key/value head with its query heads; groups "
+           f"<block>.attn.qk and <block>.attn.vo share one head map); {inside}. Without --alignment, "
+           "hetmerge merge on these directories is a plain linear merge of same-named layers")
     return EXIT_OK
 
 

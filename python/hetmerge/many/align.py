@@ -55,7 +55,7 @@ def nested_perms(u: Universe, maps0: list[dict[str, torch.Tensor]]) -> dict[str,
 
 def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 100, tol: float = 1e-6,
                seed: int = 0, refine_sweeps: int = 100, pairwise_max_iter: int = 100,
-               example_input=None) -> ManyAlignment:
+               example_input=None, specs=None) -> ManyAlignment:
     """Align N models into one universe, so that every pairwise alignment is cycle-consistent.
 
     models: two or more torch.nn.Module with the same layer structure (widths may differ: the
@@ -70,6 +70,9 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
     max_iter, tol: Frank–Wolfe steps at most; stop when the Frank–Wolfe gap falls below tol·|F|.
     seed: seeds the pairwise alignments and the refinement's block order (deterministic).
     refine_sweeps: block coordinate ascent sweeps after rounding (0: round only).
+    specs: None (trace every model) or one spec per model (a PermSpec such as transformer_spec's of
+      an AlignView, hand-written groups, or None to trace that one). Attention heads (spec ties)
+      stay whole in the universe: every model needs heads of one size (their counts may differ).
     Returns a ManyAlignment: res.pair(i, j) is an hm.Alignment of models[j] to models[i] for
     hm.merge; res.universe_maps(i) places model i in the universe; hm.merge_many averages them.
     """
@@ -82,7 +85,7 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
         raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
     t_start = time.perf_counter()
-    u = build_universe(models, layer_maps, example_input)
+    u = build_universe(models, layer_maps, example_input, specs)
     timings = {"structure": time.perf_counter() - t_start}
     t0 = time.perf_counter()
     info: dict = {"seed": seed}
@@ -108,7 +111,7 @@ def align_many(models, method: str = "c2m3", layer_maps=None, max_iter: int = 10
     steps = len(etas)
     timings["frank_wolfe"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rounded = round_perms(P)
+    rounded = round_perms(P, u)
     check_perms(rounded, u.widths)
     rng = np.random.default_rng(seed)
     hats, S = prob.forward({g: [perm_matrix(p, prob.device) for p in ps] for g, ps in rounded.items()})

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..heads import TieLink, solve_tie
 from .universe import Universe
 
 __all__ = ["Problem", "frank_wolfe", "round_perms", "refine", "perm_matrix"]
@@ -48,6 +49,37 @@ def _assign(G: torch.Tensor) -> torch.Tensor:
     perm = torch.empty(G.shape[0], dtype=torch.long)      # index maps live on the CPU
     perm[torch.as_tensor(row).long().cpu()] = torch.as_tensor(col).long().cpu()
     return perm
+
+
+def oracle(u: Universe, G: dict) -> dict:
+    """{group: [permutation per model]} maximizing Σ <G, P>: one assignment per (group, model), and
+    for attention heads one structured solve per (tie, model) (whole heads move, one head map for
+    the tie's groups, any order inside a head)."""
+    tied = {g for groups, _ in u.ties.values() for g in groups}
+    out = {g: [_assign(Gi) for Gi in Gs] for g, Gs in G.items() if g not in tied}
+    for name, (groups, units) in u.ties.items():
+        if groups[0] not in G:
+            continue
+        out.update({g: [] for g in groups})
+        for i in range(len(G[groups[0]])):
+            heads = G[groups[0]][i].shape[0] // units[0]
+            tie = TieLink(name, groups, heads, heads, units, units)
+            perms = solve_tie(tie, {g: G[g][i] for g in groups})
+            for g in groups:
+                out[g].append(perms[g].cpu())
+    return out
+
+
+def blocks_of(u: Universe, groups) -> list[tuple]:
+    """Coordinate blocks of the refinement: a group, or the groups of a tie together."""
+    tied = {g: gs for gs, _ in u.ties.values() for g in gs}
+    out, seen = [], set()
+    for g in groups:
+        b = tied.get(g, (g,))
+        if b not in seen:
+            seen.add(b)
+            out.append(b)
+    return out
 
 
 class Problem:
@@ -172,7 +204,7 @@ def frank_wolfe(prob: Problem, perms: dict, max_iter: int, tol: float
     gap, etas = 0.0, []
     for _ in range(max_iter):
         G = {g: [prob.grad(g, i, P, hats, S) for i in range(prob.n)] for g in P}
-        D = {g: [perm_matrix(_assign(Gi), prob.device) for Gi in Gs] for g, Gs in G.items()}
+        D = {g: [perm_matrix(p, prob.device) for p in ps] for g, ps in oracle(prob.u, G).items()}
         gap = sum(float((Gi * (Di - Pi)).sum()) for g in P for Gi, Di, Pi in zip(G[g], D[g], P[g]))
         if gap <= tol * max(abs(trace[-1]) * prob.scale, 1e-300):
             return P, trace, etas, True, gap
@@ -189,36 +221,45 @@ def frank_wolfe(prob: Problem, perms: dict, max_iter: int, tol: float
     return P, trace, etas, False, gap
 
 
-def round_perms(P: dict) -> dict:
-    """Nearest permutation of each relaxed block: argmax <P, Q> over permutations Q."""
+def round_perms(P: dict, u: Universe | None = None) -> dict:
+    """Nearest permutation of each relaxed block: argmax <P, Q> over permutations Q (structured
+    ones for attention heads, given the universe)."""
+    if u is not None:
+        return oracle(u, P)
     return {g: [_assign(Pi) for Pi in Ps] for g, Ps in P.items()}
 
 
 def refine(prob: Problem, perms: dict, rng: np.random.Generator, max_sweeps: int) -> tuple[dict, float, int]:
-    """Block coordinate ascent on permutations: each (model, group) block in turn takes the
-    assignment of its gradient (the exact best response: F is linear in Ŵ_i, ∂F/∂Ŵ_i = S − Ŵ_i) and
-    keeps it only on a strict gain, so F never decreases. Returns (perms, objective, sweeps)."""
+    """Block coordinate ascent on permutations: each (model, group) block (a tie's groups together)
+    in turn takes the assignment of its gradient (the exact best response: F is linear in Ŵ_i,
+    ∂F/∂Ŵ_i = S − Ŵ_i) and keeps it only on a strict gain, so F never decreases. Returns (perms,
+    objective, sweeps)."""
     perms = {g: [p.clone() for p in ps] for g, ps in perms.items()}
     P = {g: [perm_matrix(p, prob.device) for p in ps] for g, ps in perms.items()}
     hats, S = prob.forward(P)
-    blocks = [(g, i) for g in perms for i in range(prob.n)]
+    blocks = [(gs, i) for gs in blocks_of(prob.u, perms) for i in range(prob.n)]
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         changed = False
         for b in rng.permutation(len(blocks)):
-            g, i = blocks[b]
-            new = _assign(prob.grad(g, i, P, hats, S))
-            if torch.equal(new, perms[g][i]):
+            gs, i = blocks[b]
+            best = oracle(prob.u, {g: [prob.grad(g, i, P, hats, S)] for g in gs})
+            new = {g: best[g][0] for g in gs}
+            if all(torch.equal(new[g], perms[g][i]) for g in gs):
                 continue
-            trial = {**P, g: P[g][:i] + [perm_matrix(new, prob.device)] + P[g][i + 1:]}
-            touched = sorted({k for k, _ in prob.by_group[g]})
+            trial = dict(P)
+            for g in gs:
+                trial[g] = P[g][:i] + [perm_matrix(new[g], prob.device)] + P[g][i + 1:]
+            touched = sorted({k for g in gs for k, _ in prob.by_group[g]})
             new_hats = {k: prob.hat(k, i, trial) for k in touched}
             # exact change of F when only Ŵ_i moves: Σ_k <S_k − Ŵ_i, Ŵ_i' − Ŵ_i>
             gain = sum(float(((S[k][:h.shape[0], :, :h.shape[2]] - hats[k][i]) * (new_hats[k] - hats[k][i])).sum())
                        for k, h in new_hats.items())
             if gain <= 1e-12 * prob.scale:   # ties: keep the current permutation
                 continue
-            perms[g][i], P, changed = new, trial, True
+            for g in gs:
+                perms[g][i] = new[g]
+            P, changed = trial, True
             for k, h in new_hats.items():
                 S[k][:h.shape[0], :, :h.shape[2]] += h - hats[k][i]
                 hats[k][i] = h

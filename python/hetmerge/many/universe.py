@@ -51,6 +51,9 @@ class Universe:
     terms: list[Term]
     group_of: list[dict[str, str]]
     pairings: dict = field(default_factory=dict, repr=False)   # (i, j) -> Pairing, built on demand
+    # attention heads: tie name -> (universe groups, units per head of each); every model has heads
+    # of the same size, so universe slot s is head s // u, unit s % u in every model
+    ties: dict = field(default_factory=dict)
 
     @property
     def size(self) -> dict[str, int]:
@@ -80,7 +83,7 @@ def _check_models(models) -> list:
     return models
 
 
-def build_universe(models, layer_maps=None, example_input=None) -> Universe:
+def build_universe(models, layer_maps=None, example_input=None, specs=None) -> Universe:
     """Trace every model, pair each with model 0 and check that they all pair alike: the same
     layers of model 0, the same free groups, one group of model j per group of model 0. Raises
     ValueError (naming the models and layers) for models that cannot share one universe."""
@@ -93,7 +96,12 @@ def build_universe(models, layer_maps=None, example_input=None) -> Universe:
                          f"layers with model j's; entry 0 is None), got {layer_maps!r}")
     elif layer_maps[0] is not None:
         raise ValueError("layer_maps[0]: must be None (model 0 is paired with itself)")
-    specs = [as_spec(m, None, example_input) for m in models]
+    if specs is None:
+        specs = [None] * n
+    elif isinstance(specs, (str, bytes)) or not isinstance(specs, Sequence) or len(specs) != n:
+        raise ValueError(f"specs: expected None or a list of {n} specs (PermSpec, hand-written groups or "
+                         f"None to trace), one per model, got {type(specs).__name__}")
+    specs = [as_spec(m, s, example_input) for m, s in zip(models, specs)]
     p0 = [pair_specs(models[0], models[j], specs[0], specs[j], layer_maps[j]) for j in range(1, n)]
     ref = p0[0]
     ref_keys = [pp.base_key for pp in ref.params]
@@ -125,14 +133,27 @@ def build_universe(models, layer_maps=None, example_input=None) -> Universe:
             raise ValueError(f"align_many: models[{j}] pairs groups {extra} of model 0 that models[1] does "
                              "not; pair every model onto the same structure (layer_maps)")
         group_of.append(mine)
+    ties = {}
+    for name, tie in ref.ties.items():
+        for j, p in enumerate(p0, start=1):
+            tj = p.ties.get(name)
+            if tj is None or tj.links != tie.links or tj.units_a != tj.units_b or tj.units_b != tie.units_a:
+                raise ValueError(f"align_many: the attention heads {name!r} of models[{j}] have "
+                                 f"{tj.units_b if tj else '?'} units per head, model 0's {tie.units_a}; one "
+                                 "universe needs heads of one size in every model (head counts may differ)")
+        ties[name] = (tie.links, tie.units_a)
     terms = []
     for k, pp in enumerate(ref.params):
+        if pp.segments:
+            raise ValueError(f"align_many: {pp.base_key!r} has an axis holding a concatenation (a fused "
+                             "q|k|v projection or torch.cat along the channels), which the universe does not "
+                             "model yet; align such models pairwise with hm.align")
         keys = (pp.base_key,) + tuple(p.params[k].target_key for p in p0)
         groups = tuple(g if ref.links[g].free else None for g in pp.links)
         terms.append(Term(keys, groups, pp.blocks))
     lms = [{l0: l0 for l0 in ref.layer_map}] + [dict(p.layer_map) for p in p0]
     return Universe(models, specs, lms, widths, terms, group_of,
-                    pairings={(0, j): p for j, p in enumerate(p0, start=1)})
+                    pairings={(0, j): p for j, p in enumerate(p0, start=1)}, ties=ties)
 
 
 def pair_map(perm_i: torch.Tensor, perm_j: torch.Tensor) -> torch.Tensor:
