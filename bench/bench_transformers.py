@@ -171,12 +171,17 @@ def part_vit(seeds, steps):
     res, t = align(a, narrow)
     row("d64 h4 ← d32 h2 (head size 16)", "weight matching",
         summarize(curve(a, narrow, res, vit_metrics, val, test), True), t, "acc")
+    fewer = trained(seeds[1], heads=2)                        # head size 32 vs the base's 16
+    res, t = align(a, fewer)
+    row("d64 h4 ← d64 h2 (head size 32 → 16)", "weight matching",
+        summarize(curve(a, fewer, res, vit_metrics, val, test), True), t, "acc")
     shallow = trained(seeds[1], layers=2)
     res, t = align(a, shallow)
     row("L4 ← L2 (blocks 0,1 ← 0,1)", "weight matching",
         summarize(curve(a, shallow, res, vit_metrics, val, test), True), t, "acc")
-    print("\n(4 vs 2 heads at one d_model changes the head size, which hetmerge refuses; the d32 h2 pair "
-          "has fewer heads of the same size.)")
+    print("\n(d32 h2: fewer heads of the same size, zero-padded. d64 h2: 2 heads of 32 dims into 4 of 16: "
+          "each target head keeps the 16 dims of its Q/K and of its V/O that weight matching pairs, the "
+          "rest is dropped, and its Q takes the factor sqrt(16/32) of the base's softmax scale.)")
 
 
 def part_lm(seeds, steps, seq=64):

@@ -86,6 +86,19 @@ void linear_assignment(py::handle cost, bool maximize, py::handle row_ind, py::h
   hm::cpu::linear_assignment(vc, maximize, vr, vi);
 }
 
+void linear_assignment_batched(py::handle cost, bool maximize, py::handle row_ind, py::handle col_ind) {
+  const char* fn = "linear_assignment_batched";
+  DLPackArgs args;
+  const TensorView vc = args.view(cost, fn, "cost");
+  const TensorView vr = args.view(row_ind, fn, "row_ind"), vi = args.view(col_ind, fn, "col_ind");
+  require_cpu(vc, fn, "cost");
+  require_cpu(vr, fn, "row_ind");
+  require_cpu(vi, fn, "col_ind");
+  hm::check_linear_assignment_batched(vc, vr, vi);
+  py::gil_scoped_release nogil;
+  hm::cpu::linear_assignment_batched(vc, maximize, vr, vi);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -102,6 +115,8 @@ PYBIND11_MODULE(_C, m) {
         "C[i, j] = sum over terms (A, B, map, block) of sum_{q: map[q] >= 0, r < block} A[i, q*block+r] * B[j, map[q]*block+r].");
   m.def("linear_assignment", &linear_assignment, py::arg("cost"), py::arg("maximize"), py::arg("row_ind"),
         py::arg("col_ind"), "Exact rectangular linear assignment (scipy.optimize.linear_sum_assignment's contract).");
+  m.def("linear_assignment_batched", &linear_assignment_batched, py::arg("cost"), py::arg("maximize"),
+        py::arg("row_ind"), py::arg("col_ind"), "linear_assignment of every matrix of cost [B, n_rows, n_cols].");
   m.def("set_num_threads", &hm::set_num_threads, py::arg("n"), "Threads used by the CPU kernels.");
   m.def("get_num_threads", &hm::get_num_threads);
   m.def("build_info", [] {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace hm {
@@ -198,6 +199,22 @@ void check_linear_assignment(const TensorView& cost, const TensorView& row_ind, 
     require_writable_contiguous(*out, fn, arg);
     require_shape(*out, fn, arg, &n, 1);
   }
+}
+
+void check_linear_assignment_batched(const TensorView& cost, const TensorView& row_ind, const TensorView& col_ind) {
+  const char* fn = "linear_assignment_batched";
+  require_ndim(cost, fn, "cost", 3);
+  if (cost.dtype != DType::f32 && cost.dtype != DType::f64)
+    type_error(fn, ": cost must be float32 or float64, got ", dtype_name(cost.dtype));
+  const int64_t shape[2] = {cost.shape[0], std::min(cost.shape[1], cost.shape[2])};
+  for (const TensorView* out : {&row_ind, &col_ind}) {
+    const char* arg = out == &row_ind ? "row_ind" : "col_ind";
+    require_dtype(*out, fn, arg, DType::i64);
+    require_writable_contiguous(*out, fn, arg);
+    require_shape(*out, fn, arg, shape, 2);
+  }
+  if (std::max(cost.shape[1], cost.shape[2]) > std::numeric_limits<int32_t>::max() / 2)
+    value_error(fn, ": cost has 2^30 or more rows or columns");
 }
 
 }  // namespace hm

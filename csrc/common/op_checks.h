@@ -22,6 +22,7 @@ struct CostTermViews {
 DType cost_out_dtype(DType input);
 void check_cost_matrix(const std::vector<CostTermViews>& terms, const TensorView& out);
 void check_linear_assignment(const TensorView& cost, const TensorView& row_ind, const TensorView& col_ind);
+void check_linear_assignment_batched(const TensorView& cost, const TensorView& row_ind, const TensorView& col_ind);
 
 // Raises if the memory `out` may write overlaps the memory `input` reads (out= aliasing an input).
 void check_no_overlap(const TensorView& out, const TensorView& input, const char* fn, const char* input_arg);

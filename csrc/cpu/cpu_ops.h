@@ -37,5 +37,9 @@ void cost_matrix(const std::vector<CostTerm>& terms, const TensorView& out);
 // rows sorted ascending (scipy.optimize.linear_sum_assignment's contract). Throws hm::ValueError
 // "linear_assignment: cost matrix is infeasible" when no finite assignment exists.
 void linear_assignment(const TensorView& cost, bool maximize, const TensorView& row_ind, const TensorView& col_ind);
+// One linear_assignment per matrix of cost [B, n_rows, n_cols] into row_ind/col_ind [B, min(n_rows, n_cols)],
+// the matrices spread over the thread pool.
+void linear_assignment_batched(const TensorView& cost, bool maximize, const TensorView& row_ind,
+                               const TensorView& col_ind);
 
 }  // namespace hm::cpu

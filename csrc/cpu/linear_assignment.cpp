@@ -633,4 +633,30 @@ void linear_assignment(const TensorView& cost, bool maximize, const TensorView& 
     type_error("linear_assignment: cost must be float32 or float64, got ", dtype_name(cost.dtype));
 }
 
+namespace {
+
+// Matrix b of a batch: the view with its leading axis dropped.
+TensorView batch_item(const TensorView& t, int64_t b) {
+  TensorView v = t;
+  v.ndim = t.ndim - 1;
+  v.data = static_cast<char*>(t.data) + b * t.strides[0] * dtype_size(t.dtype);
+  for (int d = 0; d < v.ndim; ++d) {
+    v.shape[d] = t.shape[d + 1];
+    v.strides[d] = t.strides[d + 1];
+  }
+  return v;
+}
+
+}  // namespace
+
+void linear_assignment_batched(const TensorView& cost, bool maximize, const TensorView& row_ind,
+                               const TensorView& col_ind) {
+  // Many small matrices (the blocks of attention heads): one matrix per task across the pool; the
+  // solver's own parallel parts run inline inside it.
+  parallel_for(cost.shape[0], 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      linear_assignment(batch_item(cost, b), maximize, batch_item(row_ind, b), batch_item(col_ind, b));
+  });
+}
+
 }  // namespace hm::cpu

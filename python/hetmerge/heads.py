@@ -123,17 +123,19 @@ def solve_tie(tie: TieLink, costs: dict[str, torch.Tensor]) -> dict[str, torch.T
     score = torch.zeros(Ha, Hb, dtype=torch.float64)
     inner: dict[str, torch.Tensor] = {}      # link -> [Ha, Hb, u_a] target unit inside head j, -1 pad
     for ln, ua, ub in zip(tie.links, tie.units_a, tie.units_b):
-        C = costs[ln].detach().to("cpu", torch.float64).reshape(Ha, ua, Hb, ub).permute(0, 2, 1, 3)
+        C = costs[ln].detach().cpu()
+        C = (C if C.dtype in (torch.float32, torch.float64) else C.double()).reshape(Ha, ua, Hb, ub).permute(0, 2, 1, 3)
         if ua == 1 and ub == 1:
-            score += C[:, :, 0, 0]
+            score += C[:, :, 0, 0].double()
             continue
-        sub = torch.full((Ha, Hb, ua), -1, dtype=torch.long)
-        for i in range(Ha):
-            for j in range(Hb):
-                r, c = _assign(C[i, j])
-                sub[i, j, r] = c
-                score[i, j] += C[i, j][r, c].sum()
-        inner[ln] = sub
+        # one assignment per (base head, target head) block, all in one native call
+        blocks = C.reshape(Ha * Hb, ua, ub)
+        r, c = ops.linear_assignment_batched(blocks, maximize=True)
+        batch = torch.arange(Ha * Hb)[:, None]
+        score += blocks[batch, r, c].double().sum(1).reshape(Ha, Hb)
+        sub = torch.full((Ha * Hb, ua), -1, dtype=torch.long)
+        sub[batch, r] = c
+        inner[ln] = sub.reshape(Ha, Hb, ua)
     hr, hc = _assign(score)
     head = torch.full((Ha,), -1, dtype=torch.long)
     head[hr] = hc

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from . import _backend as B
 
-__all__ = ["permute_pad", "interpolate", "weighted_sum", "cost_matrix", "linear_assignment"]
+__all__ = ["permute_pad", "interpolate", "weighted_sum", "cost_matrix", "linear_assignment",
+           "linear_assignment_batched"]
 
 
 def permute_pad(w: Any, rows: Any, cols: Any = None, *, out: Any = None):
@@ -180,6 +181,35 @@ def linear_assignment(cost: Any, maximize: bool = False):
     col_ind = B.empty_like_framework((n,), cost, index_dtype)
     mod, extra = B.backend(cost, fn)
     mod.linear_assignment(cost, bool(maximize), row_ind, col_ind, **extra)
+    return row_ind, col_ind
+
+
+def linear_assignment_batched(cost: Any, maximize: bool = False):
+    """``linear_assignment`` of every matrix of a batch, the matrices spread over hetmerge's threads.
+
+    cost: [B, n_rows, n_cols] (any strides; converted like linear_assignment's cost). Returns
+    (row_ind, col_ind), int64 [B, min(n_rows, n_cols)]: row b is linear_assignment(cost[b])'s
+    answer. Many small problems (the per-head blocks of attention alignment) cost one call instead
+    of B. CUDA tensors are solved one matrix at a time on the device.
+    """
+    fn = "linear_assignment_batched"
+    import numpy as np
+    import torch
+
+    cost = _assignment_input(cost, fn)
+    if cost.ndim != 3:
+        raise ValueError(f"{fn}: cost must be 3-D [batch, n_rows, n_cols], got shape {B.shape_of(cost)}")
+    k = min(int(cost.shape[1]), int(cost.shape[2]))
+    if B.is_cuda(cost):
+        pairs = [linear_assignment(c, maximize) for c in cost]
+        empty = torch.empty((0, k), dtype=torch.int64, device=cost.device)
+        return (torch.stack([p[0] for p in pairs]) if pairs else empty,
+                torch.stack([p[1] for p in pairs]) if pairs else empty)
+    index_dtype = torch.int64 if isinstance(cost, torch.Tensor) else np.int64
+    row_ind = B.empty_like_framework((int(cost.shape[0]), k), cost, index_dtype)
+    col_ind = B.empty_like_framework((int(cost.shape[0]), k), cost, index_dtype)
+    if cost.shape[0] and k:
+        B._C.linear_assignment_batched(cost, bool(maximize), row_ind, col_ind)
     return row_ind, col_ind
 
 
