@@ -68,3 +68,22 @@ def test_fused_qkv_is_refused_by_name():
     va, vb = AlignView(a), AlignView(b)
     with pytest.raises(ValueError, match="c_attn.*concatenation"):
         hm.align_many([va, vb], specs=[transformer_spec(va), transformer_spec(vb)])
+
+
+def _llama(hidden: int, heads: int, seed: int):
+    import transformers as tf
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=hidden, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=heads, head_dim=4, rms_norm_eps=1e-12,
+                         max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def test_merge_many_pads_a_narrower_llama_exactly():
+    """One-hot weights on a narrower model (residual 16 of 24, 4 of 6 heads) give that model's logits
+    in the wider frame: heads padded whole and RMSNorm gains rescaled, as hm.merge does."""
+    views = [AlignView(_llama(24, 6, 0)), AlignView(_llama(16, 4, 1))]
+    ids = {"input_ids": torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))}
+    res = hm.align_many(views, method="reference", specs=[transformer_spec(v) for v in views])
+    merged = hm.merge_many(views, res, weights=[0.0, 1.0])
+    torch.testing.assert_close(outputs(merged.model, ids), outputs(views[1].model, ids), rtol=1e-5, atol=1e-5)

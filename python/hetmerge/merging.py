@@ -25,7 +25,7 @@ from . import ops
 from .maps import transform
 from .pairing import LayerMapError, Pairing, resolve_layer
 
-__all__ = ["MergeItem", "merge_items", "merge_tensor", "merge", "stream_merge", "resolve", "layer_lams",
+__all__ = ["MergeItem", "merge_items", "merge_tensor", "scaled_target", "merge", "stream_merge", "resolve", "layer_lams",
            "check_lam", "memory_estimate"]
 
 
@@ -99,13 +99,18 @@ def merge_items(pairing: Pairing, maps: Mapping[str, torch.Tensor], lam=1.0,
     return items
 
 
-def _scale_part(b: torch.Tensor, ax: int, start: int, length: int, factor: float,
-                target_rows: torch.Tensor | None) -> torch.Tensor:
-    """b with its target entries start:start+length along `ax` times `factor` (b holds the target
-    rows `target_rows` when only some were read)."""
-    idx = torch.arange(b.shape[ax]) if target_rows is None else target_rows
-    f = torch.where((idx >= start) & (idx < start + length), factor, 1.0).to(b.dtype).to(b.device)
-    return b * f.reshape([-1] + [1] * (b.dim() - 1 - ax))
+def scaled_target(b: torch.Tensor, scale: float, part_scales=(), target_rows: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """A target tensor with its merge factors applied: all of it times `scale`, and its entries
+    start:start+length along an axis times factor for each (axis, start, length, factor) in
+    `part_scales` (b holds the target rows `target_rows` when only some were read)."""
+    if scale != 1.0:
+        b = b * scale
+    for ax, start, length, factor in part_scales:
+        idx = torch.arange(b.shape[ax]) if target_rows is None or ax != 0 else target_rows
+        f = torch.where((idx >= start) & (idx < start + length), factor, 1.0).to(b.dtype).to(b.device)
+        b = b * f.reshape([-1] + [1] * (b.dim() - 1 - ax))
+    return b
 
 
 def _lambda_tensor(lambdas, dtype: torch.dtype) -> torch.Tensor:
@@ -143,9 +148,7 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
         # scaled in float32 (or wider) and rounded once, with the interpolation
         wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
         lam = _lambda_tensor([item.lam] if lambdas is None else lambdas, wide).to(a.device)
-        b = b.to(wide) * item.scale
-        for ax, start, length, factor in item.part_scales:
-            b = _scale_part(b, ax, start, length, factor, target_rows if ax == 0 else None)
+        b = scaled_target(b.to(wide), item.scale, item.part_scales, target_rows)
         return ops.interpolate(a.to(wide), b, lam, rows, cols, fill=fill).to(a.dtype)
     if a.dtype != b.dtype:
         # mixed precision (a bf16 base, a float32 fine-tune): interpolate in the wider dtype and

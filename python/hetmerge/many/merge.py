@@ -9,6 +9,7 @@ import torch
 
 from .. import ops
 from ..maps import transform
+from ..merging import scaled_target
 from .universe import ManyAlignment
 
 __all__ = ["merge_many", "check_weights"]
@@ -71,15 +72,17 @@ def merge_many(models, res: ManyAlignment, weights=None, fill: str = "zero") -> 
     items = []   # per model j >= 1: {base key: (target key, rows, cols)}
     for j in range(1, n):
         al = res.pair(0, j)
-        items.append({pp.base_key: (pp.target_key, *transform(pp, al.maps)) for pp in al.pairing.params})
+        items.append({pp.base_key: (pp, *transform(pp, al.maps)) for pp in al.pairing.params})
     new = dict(sds[0])
     for key in items[0]:
         a = sds[0][key].detach()
         wide = torch.promote_types(a.dtype, torch.float32)
         parts = [a.to(wide)]
         for j, it in enumerate(items, start=1):
-            tkey, rows, cols = it[key]
-            b = sds[j][tkey].detach().to(device=a.device, dtype=wide)
+            pp, rows, cols = it[key]
+            # RMSNorm gains of a narrower stream are rescaled as hm.merge rescales them
+            b = scaled_target(sds[j][pp.target_key].detach().to(device=a.device, dtype=wide), pp.scale,
+                              pp.part_scales)
             rows = None if rows is None else rows.to(a.device)
             cols = None if cols is None else cols.to(a.device)
             if fill == "zero":
