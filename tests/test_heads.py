@@ -10,7 +10,8 @@ import torch.nn as nn
 
 import hetmerge as hm
 from hetmerge.alignment import Alignment, AlignmentError
-from hetmerge.heads import TieLink, is_structured, solve_tie, tie_position_maps
+from hetmerge.heads import TieLink, is_structured, random_perms, solve_tie, tie_position_maps
+from hetmerge.maps import permute_state
 from hetmerge.spec import PermSpec, SpecError, Tie
 
 
@@ -141,3 +142,20 @@ def test_a_map_that_splits_a_head_is_refused_on_merge():
     maps["qk"] = torch.tensor([0, 1, 2, 4, 3, 5, 6, 7])     # unit 3 of head 0 <- a unit of head 1
     with pytest.raises(AlignmentError, match="move units between attention heads"):
         Alignment(res.pairing, maps)
+
+
+def test_activation_matching_keeps_heads_whole():
+    """With activations for only part of a tie (o's inputs probe the vo group, nothing probes qk),
+    the tie is solved whole by weights: the maps stay structured and a planted head permutation is
+    found."""
+    torch.manual_seed(2)
+    a = Attention(6, 3, 4)
+    spec = _spec(a)
+    spec.probes = {"vo": ("o", "linear")}
+    perms = random_perms(spec, torch.Generator().manual_seed(3))
+    b = Attention(6, 3, 4)
+    b.load_state_dict(permute_state(spec, a.state_dict(), perms))
+    res = hm.align(a, b, method="activation", data=torch.randn(4, 5, 6), base_spec=spec, target_spec=spec)
+    assert is_structured(res.pairing.ties["attn"], res.maps)
+    for g in ("qk", "vo"):
+        assert torch.equal(res.maps[g], torch.argsort(perms[g])), g
