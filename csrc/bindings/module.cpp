@@ -73,30 +73,29 @@ void cost_matrix(const py::sequence& terms, py::handle out) {
   hm::cpu::cost_matrix(cpu_terms, vo);
 }
 
-void linear_assignment(py::handle cost, bool maximize, py::handle row_ind, py::handle col_ind) {
-  const char* fn = "linear_assignment";
+// linear_assignment and its batched form: the same arguments, checks and release of the GIL.
+template <typename Check, typename Solve>
+void assignment_entry(const char* fn, py::handle cost, bool maximize, py::handle row_ind, py::handle col_ind,
+                      Check check, Solve solve) {
   DLPackArgs args;
   const TensorView vc = args.view(cost, fn, "cost");
   const TensorView vr = args.view(row_ind, fn, "row_ind"), vi = args.view(col_ind, fn, "col_ind");
   require_cpu(vc, fn, "cost");
   require_cpu(vr, fn, "row_ind");
   require_cpu(vi, fn, "col_ind");
-  hm::check_linear_assignment(vc, vr, vi);
+  check(vc, vr, vi);
   py::gil_scoped_release nogil;
-  hm::cpu::linear_assignment(vc, maximize, vr, vi);
+  solve(vc, maximize, vr, vi);
+}
+
+void linear_assignment(py::handle cost, bool maximize, py::handle row_ind, py::handle col_ind) {
+  assignment_entry("linear_assignment", cost, maximize, row_ind, col_ind, hm::check_linear_assignment,
+                   hm::cpu::linear_assignment);
 }
 
 void linear_assignment_batched(py::handle cost, bool maximize, py::handle row_ind, py::handle col_ind) {
-  const char* fn = "linear_assignment_batched";
-  DLPackArgs args;
-  const TensorView vc = args.view(cost, fn, "cost");
-  const TensorView vr = args.view(row_ind, fn, "row_ind"), vi = args.view(col_ind, fn, "col_ind");
-  require_cpu(vc, fn, "cost");
-  require_cpu(vr, fn, "row_ind");
-  require_cpu(vi, fn, "col_ind");
-  hm::check_linear_assignment_batched(vc, vr, vi);
-  py::gil_scoped_release nogil;
-  hm::cpu::linear_assignment_batched(vc, maximize, vr, vi);
+  assignment_entry("linear_assignment_batched", cost, maximize, row_ind, col_ind,
+                   hm::check_linear_assignment_batched, hm::cpu::linear_assignment_batched);
 }
 
 }  // namespace
