@@ -147,11 +147,26 @@ def test_timm_fused_qkv_attention_ties_qk_and_vo_heads(fused_attn, index):
     assert _changes(m, spec, perms)
 
 
-def test_trace_without_example_input_gives_the_same_spec():
-    """B, N, C = x.shape are nodes: the constants after them split the channels."""
-    m = vit(lambda: Attention(D, H))
+@pytest.mark.parametrize("make", [lambda: Attention(D, H), lambda: SeparateAttention(D, H, fused_attn=False)],
+                         ids=["fused", "separate"])
+def test_trace_without_example_input_gives_the_same_spec(make):
+    """B, N = x.shape[:2] are nodes: the constants after them (and a last -1) split the channels."""
+    m = vit(make)
     a, b = hm.trace_spec(m), hm.trace_spec(m, X)
     assert (a.groups, a.segments, a.ties, a.sizes) == (b.groups, b.segments, b.ties, b.sizes)
+
+
+class Unflatten(Attention):
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2))
+
+
+def test_unflatten_into_heads_and_iterating_over_the_parts():
+    m = vit(lambda: Unflatten(D, H))
+    spec = hm.trace_spec(m, X)
+    assert spec.ties == {f"blocks.{i}.attn": _tie(i) for i in range(2)}
+    check_head_invariance(m, X, spec)
 
 
 @pytest.mark.parametrize("fused_attn", [True, False], ids=["sdpa", "explicit"])
@@ -174,6 +189,17 @@ def test_v_heads_wider_than_qk_heads_tie_with_their_own_head_size():
     spec = hm.trace_spec(m, X)
     assert spec.ties["blocks.0.attn"] == _tie(0, HD, 12)
     assert spec.sizes["blocks.0.attn.vo"] == H * 12
+    check_head_invariance(m, X, spec)
+
+
+def test_a_norm_on_q_alone_makes_whole_heads_the_qk_units():
+    def make():
+        a = Attention(D, H, qk_norm=True)
+        a.k_norm = nn.Identity()
+        return a
+    m = vit(make)
+    spec = hm.trace_spec(m, X)
+    assert spec.ties["blocks.0.attn"] == _tie(0, 1, HD)
     check_head_invariance(m, X, spec)
 
 
@@ -357,3 +383,19 @@ def test_unsupported_attention_patterns_are_refused_naming_the_node(make, match)
     m(X)
     with pytest.raises(hm.SpecError, match=match):
         hm.trace_spec(m, X)
+
+
+def test_register_handler_value_must_be_a_class():
+    with pytest.raises(TypeError, match="value=3 is not a class"):
+        hm.register_handler("softmax", value=3)
+
+
+def test_an_op_without_a_heads_handler_names_the_kind_of_value():
+    class Gelu(Attention):
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(F.gelu(F.scaled_dot_product_attention(q, k, v)).transpose(1, 2).reshape(B, N, C))
+
+    with pytest.raises(hm.SpecError, match=r"node 'gelu'.*not followed on a tensor split into attention heads"):
+        hm.trace_spec(vit(lambda: Gelu(D, H)), X)

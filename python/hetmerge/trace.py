@@ -337,8 +337,10 @@ class Tracer:
             for part in self.composite[comps[0]]:
                 self.uf.union(part, others[0])
             return comps[0]
+        # a fixed group never moves: what its units are does not matter
+        fixed = any(self.uf.fixed[r] for r in roots)
         factors = {self.unit_blocks.get(r, 1) for r in roots}
-        if len(factors) > 1:
+        if len(factors) > 1 and not fixed:
             raise SpecError("trace_spec: cannot join groups whose units are whole attention heads with "
                             "groups whose units are single channels"
                             + (f" at node {self.node.name!r} in module {node_path(self.node)!r}"
@@ -346,7 +348,7 @@ class Tracer:
         g = roots[0]
         for other in roots[1:]:
             g = self.uf.union(g, other)
-        if factors != {1}:
+        if factors != {1} and not fixed:
             self.unit_blocks[g] = factors.pop()
         return g
 
@@ -356,6 +358,8 @@ class Tracer:
         head): every axis of it, recorded before or after, holds `block` times the entries per unit
         it was recorded with, and a tie counts its units per head as recorded (spec.Tie)."""
         r = self.uf.find(group)
+        if self.uf.fixed[r]:
+            return
         old = self.unit_blocks.get(r, 1)
         if old not in (1, block):
             raise SpecError(f"trace_spec: group {self.uf.names[r]!r} has units of {old} channels and "
@@ -804,8 +808,10 @@ def trace_spec(model: nn.Module, example_input: Any = None, concrete_args: dict 
     too; grouped convolutions fix their channels), BatchNorm, LayerNorm and GroupNorm, their
     functional forms with the module's own parameters (F.linear, F.conv2d, F.batch_norm,
     F.layer_norm), per-channel parameters scaling the features, elementwise activations, dropout,
-    pooling, flatten/view(N, -1), channels-last permutes, channel concatenation and residual
-    additions). `example_input`, when given, is run through the model (in eval mode, so running
+    pooling, flatten/view(N, -1), channels-last permutes, channel concatenation, residual
+    additions, torch's MultiheadAttention/TransformerEncoderLayer and hand-written attention: q/k/v
+    split into heads, SDPA or softmax(q·kᵀ)·v, recorded as qk/vo groups tied by heads, see
+    handlers/heads.py). `example_input`, when given, is run through the model (in eval mode, so running
     statistics are untouched) to check that it traces and to learn tensor ranks. `concrete_args`
     is passed to torch.fx (fix inputs that decide a branch). Raises SpecError naming the node and
     module path for anything else.
