@@ -267,7 +267,7 @@ class CausalAttention(Attention):
         self.register_buffer("causal", torch.tril(torch.ones(5, 5, dtype=torch.bool)))
 
     def forward(self, x):
-        B, N, C = x.shape
+        B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5 * self.temperature.exp()
         attn = attn.masked_fill(~self.causal, float("-inf"))
