@@ -371,13 +371,23 @@ class QkvTwice(Attention):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)) + h[..., :C]
 
 
+class SharedKV(SeparateAttention):
+    def forward(self, x):
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.v(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, kv, kv).transpose(1, 2).flatten(2))
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: Rotary(D, H), r"node 'getitem.*module 'blocks\.0\.attn'.*slicing heads"),
     (lambda: NoTranspose(D, H), r"module 'blocks\.0\.attn'.*merges the dims .*laid out \('x', 'head', 'x', 'hd'\)"),
     (lambda: HeadBias(D, H), r"module 'blocks\.0\.attn'.*differs per head"),
     (lambda: HeadSoftmax(D, H), r"module 'blocks\.0\.attn'.*softmax over dim 1"),
     (lambda: QkvTwice(D, H), r"module 'blocks\.0\.attn'.*also read by other nodes"),
-], ids=["rotary_slicing", "merge_without_transpose", "per_head_bias", "softmax_over_heads", "qkv_read_twice"])
+    (lambda: SharedKV(D, H), r"module 'blocks\.0\.attn'.*v's channels are also q's or k's"),
+], ids=["rotary_slicing", "merge_without_transpose", "per_head_bias", "softmax_over_heads", "qkv_read_twice",
+        "k_is_v"])
 def test_unsupported_attention_patterns_are_refused_naming_the_node(make, match):
     m = vit(make)
     m(X)

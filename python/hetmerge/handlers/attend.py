@@ -133,6 +133,9 @@ def _qk(tracer, node, q: Heads, k: Heads) -> int:
 
 def _attended(tracer, node, qk: int, qk_dim: int, v: Heads, dims: tuple) -> Heads:
     """The attention's output: v's channels per head, tied with q/k's heads."""
+    if tracer.uf.find(v.parts[0]) == tracer.uf.find(qk):
+        tracer.fail(node, "v's channels are also q's or k's (one projection for both): Q/K and V/O "
+                          "would need one permutation inside a head")
     if v.mixed:
         tracer.coarsen(v.parts[0], v.head_dim)
     name = _tie_name(node)

@@ -9,10 +9,13 @@
 
 and the same with separate projections (``self.q(x).view(B, N, H, D).transpose(1, 2)``).
 
-A view/reshape (or unflatten) that splits a channels-last tensor's channels into (heads, head_dim),
-or (parts, heads, head_dim) for a fused projection, gives a ``Heads`` value: which dim holds what,
-and the group of each part. A fused projection's output group becomes the concatenation of one new
-group per part (Tracer.split). The attention op joins q's and k's groups into "<attn>.qk", names v's
+This file: a view/reshape (or unflatten) that splits a channels-last tensor's channels into (heads,
+head_dim), or (parts, heads, head_dim) for a fused projection, gives a ``Heads`` value: which dim
+holds what, and the group of each part. A fused projection's output group becomes the concatenation
+of one new group per part (Tracer.split). Heads values are moved (permute, transpose), taken apart
+(unbind, indexing the parts) and merged back ([..., heads, head_dim] -> channels) here; ops on them
+are looked up in Heads' own handler tables (register_handler(value=Heads)), so no Val handler
+ever sees one. attend.py holds the attention itself: the attention op joins q's and k's groups into "<attn>.qk", names v's
 "<attn>.vo" (it reaches the output projection's input columns) and ties them (Tracer.add_tie): heads
 move as whole blocks, one head map for both; inside a head Q/K share one permutation of the head's
 channels and V/O another. A LayerNorm/RMSNorm over head_dim on q or k (timm's qk_norm) weighs a
