@@ -1,7 +1,9 @@
 """torch's attention modules traced (handlers/attention.py): nn.MultiheadAttention (packed q|k|v as
-three parts of one heads group) and nn.TransformerEncoderLayer (residual stream, heads, MLP units).
-Checked by invariance (a random permutation of every free group leaves the outputs unchanged) and by
-weight matching recovering a planted permutation exactly (merging at λ = 1 gives the base back)."""
+three parts of the tied groups qk | qk | vo) and nn.TransformerEncoderLayer (residual stream, heads,
+MLP units). Checked by invariance (a random head-structured permutation of every free group leaves
+the outputs unchanged, tests/head_perms.py; one that moves a q/k or v channel to another head does
+not) and by weight matching recovering a planted permutation exactly (merging at λ = 1 gives the
+base back)."""
 import copy
 
 import pytest
@@ -10,7 +12,9 @@ import torch.nn as nn
 
 import hetmerge as hm
 from hetmerge.maps import permute_state
-from test_vision_coverage import check_invariance, random_perms, randomize
+from hetmerge.spec import Tie
+from head_perms import check_head_invariance, cross_head_swap, permuted, structured_perms
+from test_vision_coverage import randomize
 
 
 class MHABlock(nn.Module):
@@ -47,9 +51,22 @@ class Encoder(nn.Module):
 X = torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(0))
 
 
+def _invariant(model):
+    """The traced spec, checked by invariance both ways: head-structured maps keep the outputs, a
+    q/k or a v channel moved to another head changes them."""
+    spec = hm.trace_spec(model, X)
+    check_head_invariance(model, X, spec)
+    for tie in spec.ties.values():
+        for g, hu in zip(tie.groups, tie.head_units):
+            perms = {grp: torch.arange(n) for grp, n in spec.sizes.items()}
+            perms[g] = cross_head_swap(spec.sizes[g], hu)
+            assert not torch.allclose(permuted(model, spec, perms)(X), model(X), rtol=1e-4, atol=1e-4), g
+    return spec
+
+
 def _recovered(model):
     spec = hm.trace_spec(model, X)
-    perms = random_perms(spec, 7)
+    perms = structured_perms(spec, 7)
     pm = copy.deepcopy(model)
     pm.load_state_dict(permute_state(spec, model.state_dict(), perms))
     res = hm.align(model, pm, example_input=X)
@@ -59,14 +76,17 @@ def _recovered(model):
     return spec
 
 
-def test_multihead_attention_heads_are_units_of_the_packed_projection():
+def test_multihead_attention_ties_qk_and_vo_heads_of_the_packed_projection():
     torch.manual_seed(0)
     m = randomize(MHABlock())
-    spec = check_invariance(m, X)
-    assert spec.sizes["attn.heads"] == 4
-    parts = spec.segments[("attn.in_proj_weight", 0)]
-    assert parts == (("attn.heads", 4, 4),) * 3
-    assert spec.blocks[("attn.out_proj.weight", 1)] == 4
+    spec = _invariant(m)
+    assert spec.ties == {"attn": Tie(("attn.qk", "attn.vo"), (4, 4),
+                                     (("attn.in_proj_weight", 0, 0), ("attn.in_proj_bias", 0, 0)))}
+    assert spec.sizes["attn.qk"] == spec.sizes["attn.vo"] == 16
+    for key in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        assert spec.segments[(key, 0)] == (("attn.qk", 16, 1), ("attn.qk", 16, 1), ("attn.vo", 16, 1))
+    assert spec.groups["attn.vo"] == [("attn.out_proj.weight", 1)]
+    assert ("attn.out_proj.weight", 1) not in spec.blocks
     _recovered(m)
 
 
@@ -74,8 +94,12 @@ def test_multihead_attention_heads_are_units_of_the_packed_projection():
 def test_transformer_encoder_layers_trace_and_align_exactly(norm_first):
     torch.manual_seed(1)
     m = randomize(Encoder(norm_first=norm_first))
-    spec = check_invariance(m, X)
-    assert spec.sizes["layers.0.self_attn.heads"] == 4 and spec.sizes["layers.1.linear1"] == 32
+    spec = _invariant(m)
+    assert spec.ties == {f"layers.{i}.self_attn": Tie((f"layers.{i}.self_attn.qk", f"layers.{i}.self_attn.vo"),
+                                                       (4, 4), ((f"layers.{i}.self_attn.in_proj_weight", 0, 0),
+                                                                (f"layers.{i}.self_attn.in_proj_bias", 0, 0)))
+                         for i in range(2)}
+    assert spec.sizes["layers.1.linear1"] == 32
     _recovered(m)
 
 

@@ -61,9 +61,18 @@ class Param:
 Handler = Callable[["Tracer", fx.Node, Any], "Val | None"]
 _MODULE_HANDLERS: dict[type, Handler] = {}
 _CALL_HANDLERS: dict[Any, Handler] = {}
+# a value other than Val (a tensor split into attention heads) has tables of its own: an op that
+# reads one is followed only by a handler written for it, never by one that expects a Val
+_VALUE_HANDLERS: dict[type, tuple[dict[type, Handler], dict[Any, Handler]]] = {}
 
 
-def register_handler(*kinds: Any) -> Callable[[Handler], Handler]:
+def _tables(value: type | None) -> tuple[dict[type, Handler], dict[Any, Handler]]:
+    if value is None or value is Val:
+        return _MODULE_HANDLERS, _CALL_HANDLERS
+    return _VALUE_HANDLERS.get(value, ({}, {}))
+
+
+def register_handler(*kinds: Any, value: type | None = None) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of `kinds`.
 
     A kind is an ``nn.Module`` subclass (the handler is called as ``fn(tracer, node, module)`` for
@@ -73,9 +82,15 @@ def register_handler(*kinds: Any) -> Callable[[Handler], Handler]:
     as ``"permute"`` (``fn(tracer, node, name)``). The handler returns the output's ``Val``, or None
     for a value that carries no features (a shape, a constant). A later registration of the same
     kind replaces the earlier one.
+
+    `value`: a class of values other than ``Val`` that handlers may return (handlers/heads.py's
+    per-head attention tensors); the handler is then used for nodes that read such a value, and a
+    node that reads one with no handler registered for its kind and that value class fails.
     """
     if not kinds:
         raise TypeError("register_handler: name at least one module class, function or method name")
+    if value is not None and not inspect.isclass(value):
+        raise TypeError(f"register_handler: value={value!r} is not a class")
 
     for kind in kinds:
         if inspect.isclass(kind):
@@ -85,27 +100,28 @@ def register_handler(*kinds: Any) -> Callable[[Handler], Handler]:
             raise TypeError(f"register_handler: {kind!r} is not a module class, function or method name")
 
     def deco(fn: Handler) -> Handler:
+        tables = _tables(None) if value is None else _VALUE_HANDLERS.setdefault(value, ({}, {}))
         for kind in kinds:
-            table = _MODULE_HANDLERS if inspect.isclass(kind) else _CALL_HANDLERS
-            table[kind] = fn
+            tables[0 if inspect.isclass(kind) else 1][kind] = fn
         return fn
     return deco
 
 
-def handler_for(kind: Any) -> Handler | None:
+def handler_for(kind: Any, value: type | None = None) -> Handler | None:
     """The handler the tracer would use for a module instance, a module class, a function or a
-    method name; None when there is none."""
+    method name (reading values of class `value`, default Val); None when there is none."""
+    modules, calls = _tables(value)
     if isinstance(kind, nn.Module):
         kind = type(kind)
     if inspect.isclass(kind):
         for cls in kind.__mro__:
-            if cls in _MODULE_HANDLERS:
+            if cls in modules:
                 # a subclass with its own forward (timm's LayerNorm2d permutes around
                 # F.layer_norm) is not described by its base's handler: fx traces into it instead
-                return _MODULE_HANDLERS[cls] if kind.forward is cls.forward else None
+                return modules[cls] if kind.forward is cls.forward else None
         return None
     try:
-        return _CALL_HANDLERS.get(kind)
+        return calls.get(kind)
     except TypeError:   # an unhashable target
         return None
 
@@ -166,6 +182,11 @@ class _UnionFind:
         return lo
 
 
+def _what(kind: type) -> str:
+    """How messages name a value class: its `what` ("a tensor split into attention heads")."""
+    return getattr(kind, "what", f"{kind.__name__} values")
+
+
 def node_path(node: fx.Node) -> str:
     """Module path a node belongs to (its own target for call_module)."""
     if node.op == "call_module":
@@ -216,6 +237,7 @@ class Tracer:
         self.part_entries: list[tuple[str, int, list]] = []     # add_parts: fused axes
         self.input_groups: list[int] = []                      # groups of the model's inputs
         self.ties: list[tuple[str, list[tuple[int, int]]]] = []    # add_tie: attention heads
+        self.unit_blocks: dict[int, int] = {}                  # coarsen: root -> recorded units per unit
         self.node: fx.Node | None = None                       # node being handled (for messages)
 
     # -- reading the node ---------------------------------------------------------------------
@@ -224,6 +246,18 @@ class Tracer:
         found = []
         fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
         return [self.vals[a] for a in found if self.vals.get(a) is not None]
+
+    def value_kind(self, node: fx.Node) -> type | None:
+        """The class of the non-Val values the node reads (elements of tuples included), whose
+        handler tables decide how it is followed; None when it reads only Vals."""
+        kinds = set()
+        for v in self.inputs(node):
+            for e in (v if isinstance(v, tuple) else (v,)):
+                if e is not None and not isinstance(e, Val):
+                    kinds.add(type(e))
+        if len(kinds) > 1:
+            self.fail(node, f"it combines values of kinds {sorted(k.__name__ for k in kinds)}")
+        return kinds.pop() if kinds else None
 
     def value(self, arg: Any) -> Val | None:
         return self.vals.get(arg) if isinstance(arg, fx.Node) else None
@@ -303,10 +337,51 @@ class Tracer:
             for part in self.composite[comps[0]]:
                 self.uf.union(part, others[0])
             return comps[0]
+        # a fixed group never moves: what its units are does not matter
+        fixed = any(self.uf.fixed[r] for r in roots)
+        factors = {self.unit_blocks.get(r, 1) for r in roots}
+        if len(factors) > 1 and not fixed:
+            raise SpecError("trace_spec: cannot join groups whose units are whole attention heads with "
+                            "groups whose units are single channels"
+                            + (f" at node {self.node.name!r} in module {node_path(self.node)!r}"
+                               if self.node is not None else "") + "; pass a hand-written spec instead")
         g = roots[0]
         for other in roots[1:]:
             g = self.uf.union(g, other)
+        if factors != {1} and not fixed:
+            self.unit_blocks[g] = factors.pop()
         return g
+
+    def coarsen(self, group: int, block: int) -> None:
+        """The units of `group` are runs of `block` consecutive units as recorded (whole attention
+        heads of head_dim channels, when an op such as LayerNorm(head_dim) mixes the channels of a
+        head): every axis of it, recorded before or after, holds `block` times the entries per unit
+        it was recorded with, and a tie counts its units per head as recorded (spec.Tie)."""
+        r = self.uf.find(group)
+        if self.uf.fixed[r]:
+            return
+        old = self.unit_blocks.get(r, 1)
+        if old not in (1, block):
+            raise SpecError(f"trace_spec: group {self.uf.names[r]!r} has units of {old} channels and "
+                            f"of {block}")
+        self.unit_blocks[r] = block
+
+    def name_group(self, group: int, name: str) -> None:
+        """Name the group (unless it is fixed, whose name says so): "blocks.0.attn.qk"."""
+        r = self.uf.find(group)
+        if not self.uf.fixed[r]:
+            self.uf.names[r] = name
+
+    def split(self, group: int, parts: list[int]) -> None:
+        """The units of `group` (a fused projection's output, read by nothing else) are the
+        concatenation of the units of `parts`, in order (q | k | v): each axis recorded on it
+        becomes a concatenated axis (spec.PermSpec.segments), and it can no longer be joined."""
+        r = self.uf.find(group)
+        if r in self.composite or self.uf.fixed[r]:
+            raise SpecError(f"trace_spec: cannot split group {self.uf.names[r]!r} into parts"
+                            + (f" at node {self.node.name!r} in module {node_path(self.node)!r}"
+                               if self.node is not None else ""))
+        self.composite[r] = tuple(parts)
 
     def add_axis(self, key: str, axis: int, group: int, block: Any = 1) -> None:
         """Record that axis `axis` of parameter `key` holds the units of `group` (`block` entries
@@ -520,15 +595,22 @@ class Tracer:
                 outs = node.args[0]
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
                 for i, o in enumerate(outs):
+                    if self.value(o) is not None and not isinstance(self.value(o), Val):
+                        self.fail(node, f"the model returns {_what(type(self.value(o)))}")
                     if self.value(o) is not None:
                         self.join(self.vals[o].group,
                                   self.new_group("output" if i == 0 else f"output{i}", fixed=True))
             elif node.op == "call_module":
                 module = self.modules[node.target]
-                handler = handler_for(module)
+                kind = self.value_kind(node)
+                handler = handler_for(module, kind)
+                if handler is None and kind is not None:
+                    self.fail(node, f"module type {type(module).__name__} is not followed on "
+                                    f"{_what(kind)}")
                 if handler is None:
                     self.fail(node, f"module type {type(module).__name__} is not supported (attention "
-                                    "heads, embeddings and custom modules need a hand-written spec)")
+                                    "modules other than torch's, embeddings and custom modules need a "
+                                    "hand-written spec)")
                 self.vals[node] = handler(self, node, module)
                 self._check_taken(node)
             elif node.op in ("call_function", "call_method"):
@@ -564,9 +646,12 @@ class Tracer:
             if self.param_args(node):
                 self.params[node] = self._param_op(node)
             return None   # arithmetic on sizes / constants / parameters alone
-        handler = handler_for(tgt)
+        kind = self.value_kind(node)
+        handler = handler_for(tgt, kind)
+        if handler is None and kind is not None:
+            self.fail(node, f"this operation is not followed on {_what(kind)}")
         if handler is None:
-            self.fail(node, "operation not supported (attention, indexing, matrix products, ...)")
+            self.fail(node, "operation not supported (indexing, matrix products, ...)")
         out = handler(self, node, tgt)
         self._check_taken(node)
         return out
@@ -588,6 +673,9 @@ class Tracer:
                 fixed.add(name)
             return name
 
+        def factor(r: int) -> int:       # recorded units per unit (coarsen)
+            return self.unit_blocks.get(r, 1)
+
         # group sizes from the axes whose block is known (1)
         for key, ax, gid, blk in self.entries:
             r = uf.find(gid)
@@ -595,11 +683,15 @@ class Tracer:
                 continue
             name = name_of(r)
             if isinstance(blk, int):
-                n = sd[key].shape[ax] // blk
+                if sd[key].shape[ax] % (blk * factor(r)):
+                    raise SpecError(f"trace_spec: {key!r}.shape[{ax}] = {sd[key].shape[ax]} does not hold "
+                                    f"whole units of {blk * factor(r)} entries (group {name!r})")
+                n = sd[key].shape[ax] // (blk * factor(r))
                 units.setdefault(r, n)
                 if not uf.fixed[r] and sizes.setdefault(name, n) != n:
                     raise SpecError(f"trace_spec: group {name!r} has {sizes[name]} units but "
                                     f"{key!r}.shape[{ax}] = {n}")
+        self._part_sizes(units, sizes, groups, name_of, factor)
         for key, ax, gid, blk in self.entries:
             r = uf.find(gid)
             if r in self.composite:
@@ -607,7 +699,7 @@ class Tracer:
                 if all(uf.fixed[p] for p in parts):
                     r, blk = parts[0], 1   # a concatenation of fixed groups is fixed, paired by position
                 else:
-                    segments[(key, ax)] = self._segments(key, ax, blk, parts, units, name_of)
+                    segments[(key, ax)] = self._segments(key, ax, blk, parts, units, name_of, factor)
                     continue
             name = name_of(r)
             if isinstance(blk, tuple):
@@ -619,6 +711,8 @@ class Tracer:
                                     f"of the {sizes.get(name)} units of group {name!r}")
                 else:
                     blk = n_in // sizes[name]
+            else:
+                blk *= factor(r)
             groups.setdefault(name, []).append((key, ax))
             if blk != 1:
                 blocks[(key, ax)] = blk
@@ -629,7 +723,7 @@ class Tracer:
                 if r not in units:
                     raise SpecError(f"trace_spec: {key!r} axis {ax}: a fused part's group {uf.names[r]!r} has no "
                                     "other parameter that tells its size")
-                found.append((name_of(r), units[r], blk))
+                found.append((name_of(r), units[r], blk * factor(r)))
             if sum(n * b for _, n, b in found) != sd[key].shape[ax]:
                 raise SpecError(f"trace_spec: {key!r}.shape[{ax}] = {sd[key].shape[ax]} is not the fused parts "
                                 f"{[(g, n, b) for g, n, b in found]}")
@@ -638,28 +732,74 @@ class Tracer:
         for g in list(probes):
             if g in fixed:
                 del probes[g]
-        ties = {}
-        for name, members, queries in self.ties:
-            roots = [uf.find(g) for g, _ in members]
-            if any(uf.fixed[r] for r in roots):
-                continue    # heads whose units reach a fixed axis cannot move (nothing to tie)
-            ties[name] = Tie(tuple(name_of(r) for r in roots), tuple(hu for _, hu in members), queries)
         return PermSpec(groups, blocks, sizes, frozenset(fixed), [Layer(n, p) for n, p in self.layers],
-                        probes, segments, ties=ties)
+                        probes, segments, ties=self._ties(name_of, factor))
 
-    def _segments(self, key: str, ax: int, blk: Any, parts: list[int], units: dict, name_of) -> tuple:
+    def _part_sizes(self, units: dict, sizes: dict, groups: dict, name_of, factor) -> None:
+        """Sizes of groups that only fused axes hold (the "qk" of a packed q|k|v projection): an
+        axis whose parts are all known but one group's tells that group's size (what remains)."""
+        uf, sd = self.uf, self.sd
+        fused = [(key, ax, [(uf.find(g), blk * factor(uf.find(g))) for g, blk in parts])
+                 for key, ax, parts in self.part_entries]
+        for key, ax, gid, blk in self.entries:
+            r = uf.find(gid)
+            if r in self.composite and isinstance(blk, int):
+                fused.append((key, ax, [(uf.find(p), blk * factor(uf.find(p))) for p in self.composite[r]]))
+        changed = True
+        while changed:
+            changed = False
+            for key, ax, parts in fused:
+                unknown = {r for r, _ in parts if r not in units}
+                if len(unknown) != 1:
+                    continue
+                r = unknown.pop()
+                rest = sd[key].shape[ax] - sum(units[q] * b for q, b in parts if q != r)
+                per = sum(b for q, b in parts if q == r)
+                if rest <= 0 or rest % per:
+                    raise SpecError(f"trace_spec: {key!r}.shape[{ax}] = {sd[key].shape[ax]} leaves {rest} "
+                                    f"entries for the parts of group {uf.names[r]!r}, not a multiple of their "
+                                    f"{per} entries per unit")
+                units[r] = rest // per
+                name = name_of(r)
+                if not uf.fixed[r]:
+                    sizes[name] = units[r]
+                    groups.setdefault(name, [])
+                changed = True
+
+    def _ties(self, name_of, factor) -> dict:
+        ties: dict[str, Tie] = {}
+        for name, members, queries in self.ties:
+            roots = [self.uf.find(g) for g, _ in members]
+            if any(self.uf.fixed[r] for r in roots):
+                continue    # heads whose units reach a fixed axis cannot move (nothing to tie)
+            head_units = []
+            for r, (_, hu) in zip(roots, members):
+                if hu % factor(r):
+                    raise SpecError(f"trace_spec: tie {name!r}: group {self.uf.names[r]!r} has units of "
+                                    f"{factor(r)} channels, which do not divide its {hu} channels per head")
+                head_units.append(hu // factor(r))
+            tie = Tie(tuple(name_of(r) for r in roots), tuple(head_units), queries)
+            if tie in ties.values():
+                continue    # the same heads reached twice
+            unique, i = name, 1
+            while unique in ties:   # two attentions in one module
+                unique, i = f"{name}#{i}", i + 1
+            ties[unique] = tie
+        return ties
+
+    def _segments(self, key: str, ax: int, blk: Any, parts: list[int], units: dict, name_of, factor) -> tuple:
         """(group, units, block) per part of a concatenated axis, checked against the tensor."""
         missing = [self.uf.names[p] for p in parts if p not in units]
         if missing:
             raise SpecError(f"trace_spec: {key!r} axis {ax} reads a concatenation whose part(s) {missing} "
                             "have no parameter that tells their size; pass a hand-written spec")
-        total = sum(units[p] for p in parts)
+        total = sum(units[p] * factor(p) for p in parts)
         n = self.sd[key].shape[ax]
-        block = n // total if isinstance(blk, tuple) else 1
+        block = n // total if isinstance(blk, tuple) else blk
         if n != total * block:
             raise SpecError(f"trace_spec: {key!r}.shape[{ax}] = {n} does not hold the concatenation of "
                             f"{[units[p] for p in parts]} units")
-        return tuple((name_of(p), units[p], block) for p in parts)
+        return tuple((name_of(p), units[p], block * factor(p)) for p in parts)
 
 
 def trace_spec(model: nn.Module, example_input: Any = None, concrete_args: dict | None = None) -> PermSpec:
@@ -669,8 +809,10 @@ def trace_spec(model: nn.Module, example_input: Any = None, concrete_args: dict 
     too; grouped convolutions fix their channels), BatchNorm, LayerNorm and GroupNorm, their
     functional forms with the module's own parameters (F.linear, F.conv2d, F.batch_norm,
     F.layer_norm), per-channel parameters scaling the features, elementwise activations, dropout,
-    pooling, flatten/view(N, -1), channels-last permutes, channel concatenation and residual
-    additions). `example_input`, when given, is run through the model (in eval mode, so running
+    pooling, flatten/view(N, -1), channels-last permutes, channel concatenation, residual
+    additions, torch's MultiheadAttention/TransformerEncoderLayer and hand-written attention: q/k/v
+    split into heads, SDPA or softmax(q·kᵀ)·v, recorded as qk/vo groups tied by heads, see
+    handlers/heads.py). `example_input`, when given, is run through the model (in eval mode, so running
     statistics are untouched) to check that it traces and to learn tensor ranks. `concrete_args`
     is passed to torch.fx (fix inputs that decide a branch). Raises SpecError naming the node and
     module path for anything else.

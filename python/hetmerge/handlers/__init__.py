@@ -2,4 +2,4 @@
 
 Importing this package registers them; ``hetmerge.trace.trace_spec`` does so on first use.
 """
-from . import attention, conv_families, elementwise, functional, layers, layout, shape  # noqa: F401
+from . import attend, attention, conv_families, elementwise, functional, heads, layers, layout, shape  # noqa: F401

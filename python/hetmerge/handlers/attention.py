@@ -1,11 +1,13 @@
 """torch's own attention modules: ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``,
 traced as leaves with their permutation structure written out.
 
-MultiheadAttention: the packed ``in_proj_weight`` [3E, E] holds q | k | v on axis 0: three parts, each
-the module's heads (one group, units = heads, head_dim rows each), so a head moves with its q, k and
-v rows and its ``out_proj`` columns; nothing moves inside a head. Its input columns are the query's
-feature group (key and value, read through the same packed weight, must share it). ``out_proj``'s
-output is a new group; the module returns (output, weights), and only element 0 carries features.
+MultiheadAttention: the packed ``in_proj_weight`` [3E, E] holds q | k | v on axis 0: three parts, of
+two groups tied by heads (spec.Tie): "<path>.qk" (the q and k channels, E units) and "<path>.vo"
+(the v channels, which are also ``out_proj``'s input columns). Heads move as whole blocks, one head
+map for both; inside a head Q and K share one permutation and V/O another (no RoPE here). Its
+input columns are the query's feature group (key and value, read through the same packed weight,
+must share it). ``out_proj``'s output is a new group; the module returns (output, weights), and only
+element 0 carries features. Attention written out by hand is followed in heads.py.
 
 TransformerEncoderLayer (post- or pre-norm): the block's residual stream is one group: the input,
 the attention's output projection (added back), norm1/norm2, linear1's input and linear2's output;
@@ -31,15 +33,17 @@ def _mha(tracer, path: str, mha: nn.MultiheadAttention, x: Val, out_group: int |
     """Record one MultiheadAttention at `path` reading x; returns the group of its output."""
     key = tracer.key
     hd = mha.head_dim
-    heads = tracer.new_group(f"{path}.heads")
+    qk, vo = tracer.new_group(f"{path}.qk"), tracer.new_group(f"{path}.vo")
     w_in, b_in = key(path, "in_proj_weight"), key(path, "in_proj_bias")
     w_out, b_out = key(path, "out_proj.weight"), key(path, "out_proj.bias")
-    tracer.add_axis(w_out, 1, heads, hd)            # tells the heads group its size
-    tracer.add_parts(w_in, 0, [(heads, hd)] * 3)
+    tracer.add_axis(w_out, 1, vo)                   # tells vo its size; qk's is what in_proj has left
+    tracer.add_parts(w_in, 0, [(qk, 1), (qk, 1), (vo, 1)])
     tracer.add_axis(w_in, 1, x.group)
+    queries = ((w_in, 0, 0), (b_in, 0, 0)) if mha.in_proj_bias is not None else ((w_in, 0, 0),)
+    tracer.add_tie(path, [(qk, hd), (vo, hd)], queries)
     params = {"weight": w_in}
     if mha.in_proj_bias is not None:
-        tracer.add_parts(b_in, 0, [(heads, hd)] * 3)
+        tracer.add_parts(b_in, 0, [(qk, 1), (qk, 1), (vo, 1)])
         params["bias"] = b_in
     tracer.add_layer(f"{path}.in_proj", params)
     out = out_group if out_group is not None else tracer.new_group(f"{path}.out_proj")

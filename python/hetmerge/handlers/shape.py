@@ -1,5 +1,6 @@
 """Kinds that change a tensor's shape but keep units whole: flatten/view(batch, -1), nn.Flatten,
-and reductions over spatial dims."""
+and reductions over spatial dims. A view that splits the channels into attention heads hands over
+to heads.py."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..trace import Val, register_handler
+from .heads import split_heads
 
 
 def _not_channels_last(tracer, node, x):
@@ -50,8 +52,12 @@ def view(tracer, node, target):
             and all(not isinstance(s, fx.Node) and s == 1 for s in shape[2:]))
     if gate:
         return Val(first.group, False, first.layer, 1, len(shape))
-    tracer.fail(node, f"{target}{tuple(shape)} (only view/reshape(batch, -1), or (batch, C, 1, ...) of a "
-                      "[batch, C] tensor, can be followed)")
+    heads = split_heads(tracer, node, first, shape) if first is not None else None
+    if heads is not None:
+        return heads
+    tracer.fail(node, f"{target}{tuple(shape)} (only view/reshape(batch, -1), (batch, C, 1, ...) of a "
+                      "[batch, C] tensor, or (*batch, [parts,] heads, head_dim) of channels-last "
+                      "features can be followed)")
 
 
 @register_handler("mean", "sum", "amax", "amin", "var", "std", torch.mean, torch.sum, torch.amax,
