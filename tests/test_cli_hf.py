@@ -94,3 +94,23 @@ def test_per_block_lambda_errors_name_the_blocks(dirs, capsys):
     err = capsys.readouterr().err
     assert "'model.layers.7' is not a block of the base" in err and "model.layers.1" in err
     assert not (dirs / "bad").exists()
+
+
+def test_align_whole_heads_is_remembered_by_merge(dirs, tmp_path, capsys):
+    """--heads whole: the qk/vo maps move heads only; merge reads the choice back from the file, and
+    --heads on checkpoint files is a usage error."""
+    import json
+    al = tmp_path / "whole.json"
+    assert main(["align", str(dirs / "a"), str(dirs / "b"), "--heads", "whole", "-o", str(al)]) == EXIT_OK
+    doc = json.loads(al.read_text())
+    assert doc["info"]["hf"]["heads"] == "whole"
+    assert len(doc["maps"]["model.layers.0.attn.vo"]) == 2       # 2 key/value heads, not 2 × 6 dims
+    out = tmp_path / "m"
+    assert main(["merge", str(dirs / "a"), str(dirs / "b"), "--alignment", str(al), "--lam", "0.5",
+                 "-o", str(out)]) == EXIT_OK
+    assert (out / "config.json").is_file()
+    f = tmp_path / "x.safetensors"
+    import safetensors.torch as st
+    st.save_file({"0.weight": torch.zeros(3, 2)}, str(f))
+    assert main(["align", str(f), str(f), "--heads", "whole", "-o", str(tmp_path / "y.json")]) == 2
+    assert "--heads applies to Hugging Face model directories" in capsys.readouterr().err

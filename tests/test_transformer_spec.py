@@ -496,3 +496,26 @@ def test_the_head_constraints_are_real():
     moved = copy.deepcopy(llama)
     moved.load_state_dict(sd)
     assert (outputs(moved, lin) - outputs(llama, lin)).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_whole_heads_option_moves_heads_only(family):
+    """heads="whole": the qk and vo units are heads (tie (1, 1)); a planted head permutation (one for
+    Q/K and V/O) leaves the outputs unchanged and is recovered; nothing moves inside a head."""
+    model, inputs = build(family)
+    view = AlignView(model)
+    spec = transformer_spec(view, heads="whole")
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    assert all(t.head_units == (1, 1) for t in spec.ties.values())
+    assert all(spec.sizes[g] == kv_heads for t in spec.ties.values() for g in t.groups)
+    perms = _planted(spec, seed=4)
+    pv = _permuted(view, spec, perms)
+    torch.testing.assert_close(outputs(pv.model, inputs), _expected(model, inputs, family, perms[RESIDUAL]),
+                               rtol=1e-5, atol=1e-5)
+    ps = transformer_spec(pv, heads="whole")
+    res = hm.align(view, pv, base_spec=spec, target_spec=ps, layer_map=layer_map_by_name(spec, ps), restarts=3)
+    for g, p in perms.items():
+        assert torch.equal(res.maps[g], torch.argsort(p)), g
+    with pytest.raises(ValueError, match="heads: expected 'inside' or 'whole'"):
+        transformer_spec(view, heads="none")

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 
 from .spec import Layer, PermSpec, SpecError, Tie
-from .transformer_families import (_HD, _NORM_GAIN, _O_PROJ, _QH, _QUERIES, _REP, _RMS_NORM_FAMILIES,
-                                   _ROPE_FAMILIES, _VIEWS, FAMILIES, FUSED, RESIDUAL)
+from .transformer_families import (_HD, _NORM_GAIN, _O_PROJ, _QH, _QK, _QUERIES, _REP, _RMS_NORM_FAMILIES,
+                                   _ROPE_FAMILIES, _VIEWS, _VO, FAMILIES, FUSED, RESIDUAL)
 from .transformer_layers import blocks_of, expand_block_lams, layer_map_by_name
 
 __all__ = ["FAMILIES", "RESIDUAL", "transformer_spec", "layer_map_by_name", "blocks_of", "expand_block_lams", "canonical_state", "CanonicalState",
@@ -202,8 +202,14 @@ def _rule(rules, key: str):
     return None, None
 
 
-def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any = None) -> PermSpec:
+def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any = None,
+                     heads: str = "inside") -> PermSpec:
     """PermSpec of a Hugging Face transformer from its config's model_type and its key names.
+
+    heads: "inside" (default: heads move whole, and inside a head Q/K dimensions move together and
+      V/O dimensions together; only V/O under RoPE) or "whole" (heads move whole, nothing moves
+      inside a head: the qk and vo units are heads). Which merges better is an empirical question
+      (docs/transformers.md has a measured pair of each kind); choose it on validation data.
 
     model: an AlignView of a transformers module, or a {key: tensor}
       state (HFState, a state dict; canonicalized here, so ViT's [1, n, d] tensors are seen as
@@ -228,6 +234,9 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     else:
         raise TypeError(f"transformer_spec: expected an nn.Module or a {{key: tensor}} state, got "
                         f"{type(model)}")
+    if heads not in ("inside", "whole"):
+        raise ValueError(f"heads: expected 'inside' or 'whole', got {heads!r}")
+    whole = heads == "whole"
     mt = model_type(config)
     rules = _COMPILED[mt]
     blocks = head_blocks(config)
@@ -241,10 +250,13 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
             raise SpecError(f"transformer_spec: tensor {key!r} {tuple(t.shape)} matches no rule of the "
                             f"{mt!r} family; add one to transformer_spec.FAMILIES[{mt!r}]")
         for g, ax, *blk in entries:
-            if g == FUSED:          # an axis of equal parts, one per group (block 1)
+            if g == FUSED:          # an axis of equal parts, one per group (block 1, or a head)
                 names = [p.replace("{L}", m.group("L")) for p in blk[0]]
-                fused[(key, ax)] = tuple((n, t.shape[ax] // len(names), 1) for n in names)
+                per = blocks[_HD] if whole else 1
+                fused[(key, ax)] = tuple((n, t.shape[ax] // len(names) // per, per) for n in names)
                 continue
+            if whole and g in (_QK, _VO):   # a head is the unit: its rows (columns) are one block
+                blk = [{_REP: _QH}.get(blk[0], blk[0])] if blk else [_HD]
             name = g.replace("{L}", m.group("L")) if "{L}" in g else g
             groups.setdefault(name, []).append((key, ax, blocks[blk[0]]) if blk else (key, ax))
         if t.is_floating_point():   # integer buffers (position ids, masks) are not merged
@@ -266,12 +278,12 @@ def transformer_spec(model: nn.Module | Mapping[str, torch.Tensor], config: Any 
     spec.segments = dict(fused)
     if mt in _RMS_NORM_FAMILIES:
         spec.rms_norms = frozenset(k for k, *_ in groups[RESIDUAL] if _NORM_GAIN.fullmatch(k))
-    spec.ties = _attention_ties(spec, meta, mt, blocks)
+    spec.ties = _attention_ties(spec, meta, mt, blocks, whole)
     spec.check_ties()
     return spec
 
 
-def _attention_ties(spec: PermSpec, meta, mt: str, blocks: dict) -> dict[str, Tie]:
+def _attention_ties(spec: PermSpec, meta, mt: str, blocks: dict, whole: bool) -> dict[str, Tie]:
     """One tie per block: its qk and vo groups, with the tensors holding Q."""
     ties = {}
     rope = mt in _ROPE_FAMILIES
@@ -285,7 +297,8 @@ def _attention_ties(spec: PermSpec, meta, mt: str, blocks: dict) -> dict[str, Ti
                             "projection")
         queries = tuple((k, ax, part) for k in meta if k.startswith(block)
                         for rx, ax, part in _QUERIES if rx.fullmatch(k))
-        ties[block + "attn"] = Tie((g, vo), (1 if rope else blocks[_HD], blocks[_HD]), queries)
+        units = (1, 1) if whole else (1 if rope else blocks[_HD], blocks[_HD])
+        ties[block + "attn"] = Tie((g, vo), units, queries)
     return ties
 
 

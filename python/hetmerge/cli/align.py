@@ -14,6 +14,10 @@ from .ui import EXIT_OK, UI
 def cmd_align(args, ui: UI) -> int:
     if is_hf_dir(args.base) and is_hf_dir(args.target):   # Hugging Face model directories
         return cmd_align_hf(args, ui)
+    if getattr(args, "heads", None) is not None:
+        from ..plan import PlanError
+        raise PlanError("--heads applies to Hugging Face model directories (traced models take their "
+                        "attention structure from the trace)")
     plan = plan_from_args(args)
     out = Path(args.output)
     check_output(out, plan_inputs(plan), "alignment output")

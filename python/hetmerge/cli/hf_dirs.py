@@ -18,8 +18,9 @@ def is_hf_dir(path) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def hf_pair(base_dir: Path, target_dir: Path):
-    """(pairing, (base state, spec), (target state, spec)) of two directories of one family."""
+def hf_pair(base_dir: Path, target_dir: Path, heads: str = "inside"):
+    """(pairing, (base state, spec), (target state, spec)) of two directories of one family; heads:
+    transformer_spec's "inside" or "whole"."""
     from ..hf import HFState
     from ..pairing import pair_specs
     from ..transformer_spec import canonical_state, layer_map_by_name, model_type, transformer_spec
@@ -30,7 +31,7 @@ def hf_pair(base_dir: Path, target_dir: Path):
         raise IncompatibleError(f"{target_dir}: model_type {mt!r} differs from the base's {mb!r}; fusing "
                                 "different families is not a merge")
     cb, ct = canonical_state(base.config, base), canonical_state(target.config, target)
-    sa, sb = transformer_spec(cb, base.config), transformer_spec(ct, target.config)
+    sa, sb = transformer_spec(cb, base.config, heads), transformer_spec(ct, target.config, heads)
     pairing = pair_specs(cb, ct, sa, sb, layer_map_by_name(sa, sb))
     return pairing, (base, sa), (target, sb)
 
@@ -100,7 +101,8 @@ def cmd_align_hf(args, ui: UI) -> int:
     if o.method != "weight":
         raise IncompatibleError("method: Hugging Face directories are aligned by weight matching only (no data "
                                 "is run through them here)")
-    pairing, (base, sa), (target, sb) = hf_pair(base_dir, target_dir)
+    heads = getattr(args, "heads", None) or "inside"
+    pairing, (base, sa), (target, sb) = hf_pair(base_dir, target_dir, heads)
 
     from ..transformer_spec import canonical_state
     cb, ct = canonical_state(base.config, base), canonical_state(target.config, target)
@@ -112,7 +114,7 @@ def cmd_align_hf(args, ui: UI) -> int:
     info = {"created_by": "hetmerge align", "method": res.method, "objective": res.objective,
             "trace": list(res.trace), "iterations": res.iterations, "converged": res.converged,
             "restart_objectives": list(res.restart_objectives), "timings": {**res.timings, "wall": wall},
-            "hf": {"base": str(base_dir), "target": str(target_dir)}}
+            "hf": {"base": str(base_dir), "target": str(target_dir), "heads": heads}}
     Alignment(res.pairing, res.maps, {"base": _fingerprint(base_dir), "target": _fingerprint(target_dir)},
               info).save(out)
     tr = res.trace
@@ -126,7 +128,11 @@ def cmd_align_hf(args, ui: UI) -> int:
 def _read_alignment_hf(path: Path, base_dir: Path, target_dir: Path, ui: UI):
     from ..alignment import Alignment, AlignmentError
 
-    pairing = hf_pair(base_dir, target_dir)[0]
+    # the spec the alignment was computed with: heads moved whole or also inside
+    heads = ((Alignment.read(path).get("info") or {}).get("hf") or {}).get("heads", "inside")
+    if heads not in ("inside", "whole"):
+        raise IncompatibleError(f"{path}: info.hf.heads is {heads!r}, expected 'inside' or 'whole'")
+    pairing = hf_pair(base_dir, target_dir, heads)[0]
     try:
         alignment = Alignment.load(path, pairing=pairing)
     except AlignmentError as exc:

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", default="alignment.json", metavar="FILE", help="(default: %(default)s)")
     add_option_flags(a, only=["method", "objective", "restarts", "max_iter", "tol", "seed", "data", "device",
                               "allow_nonfinite"])
+    a.add_argument("--heads", choices=["inside", "whole"], default=None,
+                   help="Hugging Face directories: attention heads move whole and their Q/K and V/O dimensions "
+                        "inside them (inside, the default), or whole heads only (whole); the merge reads it "
+                        "back from the alignment file")
     common_args(a)
     a.set_defaults(func=cmd_align)
 
