@@ -124,10 +124,11 @@ def summarize(points, higher_is_better: bool):
     return barrier, pick[0], pick[2][1], points[0][2][1], points[-1][2][1]
 
 
-def align(base, target, max_iter=100):
-    """Weight matching through AlignView; max_iter=0 gives the unaligned maps (units by position)."""
+def align(base, target, max_iter=100, heads="inside"):
+    """Weight matching through AlignView; max_iter=0 gives the unaligned maps (units by position);
+    heads: transformer_spec's "inside" (Q/K and V/O dimensions move inside heads) or "whole"."""
     vb, vt = AlignView(base), AlignView(target)
-    sb, st = transformer_spec(vb), transformer_spec(vt)
+    sb, st = transformer_spec(vb, heads=heads), transformer_spec(vt, heads=heads)
     t0 = time.perf_counter()
     res = hm.align(vb, vt, base_spec=sb, target_spec=st, layer_map=layer_map_by_name(sb, st),
                    restarts=2 if max_iter else 1, max_iter=max_iter)
@@ -165,8 +166,12 @@ def part_vit(seeds, steps):
     a, b = trained(seeds[0]), trained(seeds[1])
     row("d64 h4 L4, seeds 0/1", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], vit_metrics, val, test), True),
         0, "acc")
+    res, t = align(a, b, heads="whole")
+    row("d64 h4 L4, seeds 0/1", "weight matching, whole heads", summarize(curve(a, b, res, vit_metrics, val, test), True),
+        t, "acc")
     res, t = align(a, b)
-    row("d64 h4 L4, seeds 0/1", "weight matching", summarize(curve(a, b, res, vit_metrics, val, test), True), t, "acc")
+    row("d64 h4 L4, seeds 0/1", "weight matching, inside heads", summarize(curve(a, b, res, vit_metrics, val, test), True),
+        t, "acc")
     narrow = trained(seeds[1], hidden=32, heads=2)            # head size 16 in both
     res, t = align(a, narrow)
     row("d64 h4 ← d32 h2 (head size 16)", "weight matching",
@@ -204,8 +209,12 @@ def part_lm(seeds, steps, seq=64):
     a, b = trained(seeds[0]), trained(seeds[1])
     row("d64 h4 L2, seeds 0/1", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], lm_metrics, val, test), False),
         0, "ppl")
+    res, t = align(a, b, heads="whole")
+    row("d64 h4 L2, seeds 0/1", "weight matching, whole heads", summarize(curve(a, b, res, lm_metrics, val, test), False),
+        t, "ppl")
     res, t = align(a, b)
-    row("d64 h4 L2, seeds 0/1", "weight matching", summarize(curve(a, b, res, lm_metrics, val, test), False), t, "ppl")
+    row("d64 h4 L2, seeds 0/1", "weight matching, V/O inside heads", summarize(curve(a, b, res, lm_metrics, val, test),
+                                                                                 False), t, "ppl")
     narrow = trained(seeds[1], hidden=48, heads=3)            # head size 16 in both
     res, t = align(a, narrow)
     row("d64 h4 ← d48 h3 (RMSNorm rescaled)", "weight matching",
