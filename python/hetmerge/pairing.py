@@ -57,6 +57,20 @@ class PairedParam:
     # ((axis, start, length, factor), ...): target entries start:start+length of that axis are
     # multiplied by factor on merging (a padded head's Q: the softmax scale of the wider head)
     part_scales: tuple = ()
+    # the 2-D shapes the specs see the base / target tensor as (PermSpec.views; () = as stored):
+    # links, blocks and segments refer to these views
+    base_view: tuple = ()
+    target_view: tuple = ()
+
+    def base_of(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The base tensor in `state`, as the pairing sees it (its view)."""
+        t = state[self.base_key]
+        return t.reshape(self.base_view) if self.base_view else t
+
+    def target_of(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The target tensor in `state`, as the pairing sees it (its view)."""
+        t = state[self.target_key]
+        return t.reshape(self.target_view) if self.target_view else t
 
 
 @dataclass
@@ -276,7 +290,9 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     norm.*); roles only one side has are left alone.
     Raises LayerMapError for a key that names no layer, NothingToAlignError when no layer pairs.
     """
-    sa, sb = state_dict_of(base), state_dict_of(target)
+    # tensors as the specs see them (2-D views of cls tokens / position embeddings)
+    sa = {k: base_spec.view(k, v) for k, v in state_dict_of(base).items()}
+    sb = {k: target_spec.view(k, v) for k, v in state_dict_of(target).items()}
     bl = [l.name for l in base_spec.layers]
     tl = [l.name for l in target_spec.layers]
     def kind(layer, sd, spec):
@@ -387,7 +403,9 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
             # statistic shrinks by sqrt(n_b / n_a), and its gain does too to keep its outputs
             scale = math.sqrt(axes[0][0][3] / axes[0][0][2])
         params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks), scale,
-                                  tuple(segments) if any(segments) else ()))
+                                  tuple(segments) if any(segments) else (),
+                                  base_view=tuple(base_spec.views.get(bkey, ())),
+                                  target_view=tuple(target_spec.views.get(tkey, ()))))
     ties = pair_ties(base_spec, target_spec, links)
     if ties:
         params = fold_softmax_scales(params, ties, target_spec)
