@@ -60,7 +60,8 @@ def functional_loop(base, target, res, lambdas, X, y):
     aligned = {}
     for pp in pairing.params:
         rows, cols = transform(pp, maps)
-        aligned[pp.base_key] = hm.ops.permute_pad(sb[pp.target_key], rows, cols)
+        # in the view the maps refer to (cls tokens / position embeddings), stored back as the base's
+        aligned[pp.base_key] = hm.ops.permute_pad(pp.target_of(sb), rows, cols).reshape(sa[pp.base_key].shape)
     loss, acc = [], []
     for lam in lambdas.tolist():
         sd = dict(sa)
