@@ -236,3 +236,32 @@ def test_timm_vit_align_many_and_merge_many_read_the_views():
     merged = hm.merge_many(models, res)
     assert merged.pos_embed.shape == m.pos_embed.shape
     torch.testing.assert_close(merged(X), m(X), rtol=1e-5, atol=1e-5)
+
+
+class _Conv(nn.Module):
+    def __init__(self, tail):
+        super().__init__()
+        self.conv, self.fc, self.tail = nn.Conv2d(CH, 6, 3), nn.Linear(6, 2), tail
+
+    def forward(self, x):
+        return self.fc(self.tail(self.conv(x)))
+
+
+@pytest.mark.parametrize("tail, msg", [
+    (lambda y: y.flatten(1, 2), "flatten"),                                 # channels with H only
+    (lambda y: y.flatten(2).transpose(1, 2)[:, :6, 0], "of the channel axis"),   # picks a channel
+])
+def test_flatten_or_indexing_that_splits_channels_is_refused(tail, msg):
+    """flatten(1, 2) mixes the channels with one spatial dim (not unit-major over the rest), and
+    indexing the channel axis picks units: neither can be followed."""
+    with pytest.raises(SpecError, match=msg):
+        hm.trace_spec(_Conv(tail), X)
+
+
+def test_token_slice_and_spatial_flatten_keep_channels():
+    """x.flatten(2).transpose(1, 2)[:, 1:] keeps every channel: the conv's output group reaches
+    the Linear's input (invariance under a random permutation of it)."""
+    m = randomize(_Conv(lambda y: y.flatten(2).transpose(1, 2)[:, 1:].mean(1)), 0)
+    spec = hm.trace_spec(m, X)
+    assert set(spec.groups["conv"]) == {("conv.weight", 0), ("conv.bias", 0), ("fc.weight", 1)}
+    check_head_invariance(m, X, spec)
