@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .spec import PermSpec
 
 __all__ = ["position_map", "expand_map", "inverse_map", "axis_map", "transform", "pieces", "unit_view",
-           "permute_state"]
+           "permute_state", "viewed"]
 
 
 
@@ -28,6 +28,12 @@ def position_map(n_a: int, n_b: int) -> torch.Tensor:
     m = torch.arange(n_a, dtype=torch.long)
     m[n_b:] = -1
     return m
+
+
+def viewed(t: torch.Tensor, view: tuple) -> torch.Tensor:
+    """A paired tensor as its spec sees it: its 2-D view (PermSpec.views, PairedParam.base_view /
+    target_view: a cls token [1, 1, d] seen as [1, d]), or as stored when `view` is ()."""
+    return t.reshape(view) if view else t
 
 
 def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .heads import TieLink, fold_softmax_scales, pair_ties, tie_position_maps
 from .maps import position_map
-from .spec import LayerMapError, PermSpec, SpecError, state_dict_of
+from .spec import LayerMapError, PermSpec, SpecError
 
 __all__ = ["LayerMapError", "NothingToAlignError", "resolve_layer", "Link", "PairedParam", "Pairing",
            "pair_specs"]
@@ -57,20 +57,9 @@ class PairedParam:
     # ((axis, start, length, factor), ...): target entries start:start+length of that axis are
     # multiplied by factor on merging (a padded head's Q: the softmax scale of the wider head)
     part_scales: tuple = ()
-    # the 2-D shapes the specs see the base / target tensor as (PermSpec.views; () = as stored):
-    # links, blocks and segments refer to these views
+    # 2-D shapes the specs see the tensors as (PermSpec.views, maps.viewed; () = as stored)
     base_view: tuple = ()
     target_view: tuple = ()
-
-    def base_of(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The base tensor in `state`, as the pairing sees it (its view)."""
-        t = state[self.base_key]
-        return t.reshape(self.base_view) if self.base_view else t
-
-    def target_of(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The target tensor in `state`, as the pairing sees it (its view)."""
-        t = state[self.target_key]
-        return t.reshape(self.target_view) if self.target_view else t
 
 
 @dataclass
@@ -290,9 +279,7 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     norm.*); roles only one side has are left alone.
     Raises LayerMapError for a key that names no layer, NothingToAlignError when no layer pairs.
     """
-    # tensors as the specs see them (2-D views of cls tokens / position embeddings)
-    sa = {k: base_spec.view(k, v) for k, v in state_dict_of(base).items()}
-    sb = {k: target_spec.view(k, v) for k, v in state_dict_of(target).items()}
+    sa, sb = base_spec.viewed_state(base), target_spec.viewed_state(target)   # cls token [1, d], ...
     bl = [l.name for l in base_spec.layers]
     tl = [l.name for l in target_spec.layers]
     def kind(layer, sd, spec):

@@ -123,6 +123,10 @@ class PermSpec:
                             f"view {tuple(v)}")
         return t.reshape(v)
 
+    def viewed_state(self, model) -> dict[str, torch.Tensor]:
+        """A module's (or state dict's) tensors as the spec sees them (``view`` of each)."""
+        return {k: self.view(k, v) for k, v in state_dict_of(model).items()}
+
     def axis_groups(self, key: str, ndim: int) -> tuple[str, ...]:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed
         pseudo-group named "key:axis" (paired by position). An axis made of segments of several
