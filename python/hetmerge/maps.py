@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .spec import PermSpec
 
 __all__ = ["position_map", "expand_map", "inverse_map", "axis_map", "transform", "pieces", "unit_view",
-           "permute_state"]
+           "permute_state", "viewed"]
 
 
 
@@ -28,6 +28,12 @@ def position_map(n_a: int, n_b: int) -> torch.Tensor:
     m = torch.arange(n_a, dtype=torch.long)
     m[n_b:] = -1
     return m
+
+
+def viewed(t: torch.Tensor, view: tuple) -> torch.Tensor:
+    """A paired tensor as its spec sees it: its 2-D view (PermSpec.views, PairedParam.base_view /
+    target_view: a cls token [1, 1, d] seen as [1, d]), or as stored when `view` is ()."""
+    return t.reshape(view) if view else t
 
 
 def expand_map(src: torch.Tensor, block: int) -> torch.Tensor:
@@ -44,9 +50,10 @@ def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
     """A new state dict with the units of each group in `perms` reordered: new unit i = old unit
     perms[g][i] (a permutation of the group). Used to check a graph by its invariance."""
     out = {k: v.detach().clone() for k, v in state.items()}
-    for key, t in state.items():
-        if not torch.is_tensor(t) or not t.is_floating_point() or t.dim() == 0:
+    for key, stored in state.items():
+        if not torch.is_tensor(stored) or not stored.is_floating_point() or stored.dim() == 0:
             continue
+        t = spec.view(key, stored)   # groups name axes of the spec's view (cls token, pos embed)
         maps = []
         for ax in range(min(t.dim(), 2)):
             segs = spec.axis_segments(key, ax)
@@ -62,7 +69,7 @@ def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
             continue
         rows = maps[0] if maps[0] is not None else torch.arange(t.shape[0])
         cols = maps[1] if len(maps) > 1 else None
-        out[key] = ops.permute_pad(t.detach(), rows, cols)
+        out[key] = ops.permute_pad(t.detach(), rows, cols).reshape(stored.shape)
     return out
 
 

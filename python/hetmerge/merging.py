@@ -12,6 +12,7 @@ batched forward). A tensor source is any Mapping of tensors; sources with ``get_
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import os
@@ -44,6 +45,8 @@ class MergeItem:
     lam: float
     scale: float = 1.0
     part_scales: tuple = ()
+    base_view: tuple = ()      # 2-D views the maps refer to (PairedParam; () = as stored)
+    target_view: tuple = ()
 
 
 def layer_lams(pairing: Pairing, lam, extrapolate: bool = False) -> dict[str, float]:
@@ -95,7 +98,7 @@ def merge_items(pairing: Pairing, maps: Mapping[str, torch.Tensor], lam=1.0,
             continue
         rows, cols = transform(pp, maps)
         items.append(MergeItem(pp.base_key, pp.target_key, pp.layer, rows, cols, value, pp.scale,
-                               pp.part_scales))
+                               pp.part_scales, pp.base_view, pp.target_view))
     return items
 
 
@@ -123,6 +126,19 @@ def merge_tensor(item: MergeItem, base: Mapping[str, torch.Tensor], target: Mapp
     """[K, *rows of the base tensor]: (1 - λ_k)·A + λ_k·T(B) for λ_k in `lambdas` (default
     [item.lam]), one ``ops.interpolate``. `row_range` = (i0, i1) merges base rows i0:i1 only and reads
     just the target rows they use, from sources that can read rows (memory-mapped checkpoints)."""
+    if item.base_view or item.target_view:
+        # merged in the view the maps refer to, handed back in the base tensor's stored shape; a
+        # viewed tensor ([1, ..., 1, n, d]) has one stored row, so a row range is all of it
+        a = base[item.base_key].detach()
+        if row_range is not None and tuple(row_range) != (0, a.shape[0]):
+            raise ValueError(f"merge_tensor: {item.base_key!r} is merged through a 2-D view and cannot "
+                             f"be merged by row ranges (got {row_range})")
+        flat = dataclasses.replace(item, base_view=(), target_view=())
+        va = {item.base_key: a.reshape(item.base_view) if item.base_view else a}
+        b = target[item.target_key].detach()
+        vb = {item.target_key: b.reshape(item.target_view) if item.target_view else b}
+        out = merge_tensor(flat, va, vb, lambdas, fill)
+        return out.reshape(out.shape[0], *a.shape)
     target_rows = None     # target row of each row of b, where b holds only some
     if row_range is None:
         a = base[item.base_key].detach()

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .heads import TieLink, fold_softmax_scales, pair_ties, tie_position_maps
 from .maps import position_map
-from .spec import LayerMapError, PermSpec, SpecError, state_dict_of
+from .spec import LayerMapError, PermSpec, SpecError
 
 __all__ = ["LayerMapError", "NothingToAlignError", "resolve_layer", "Link", "PairedParam", "Pairing",
            "pair_specs"]
@@ -57,6 +57,9 @@ class PairedParam:
     # ((axis, start, length, factor), ...): target entries start:start+length of that axis are
     # multiplied by factor on merging (a padded head's Q: the softmax scale of the wider head)
     part_scales: tuple = ()
+    # 2-D shapes the specs see the tensors as (PermSpec.views, maps.viewed; () = as stored)
+    base_view: tuple = ()
+    target_view: tuple = ()
 
 
 @dataclass
@@ -276,7 +279,7 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
     norm.*); roles only one side has are left alone.
     Raises LayerMapError for a key that names no layer, NothingToAlignError when no layer pairs.
     """
-    sa, sb = state_dict_of(base), state_dict_of(target)
+    sa, sb = base_spec.viewed_state(base), target_spec.viewed_state(target)   # cls token [1, d], ...
     bl = [l.name for l in base_spec.layers]
     tl = [l.name for l in target_spec.layers]
     def kind(layer, sd, spec):
@@ -387,7 +390,9 @@ def pair_specs(base: nn.Module, target: nn.Module, base_spec: PermSpec, target_s
             # statistic shrinks by sqrt(n_b / n_a), and its gain does too to keep its outputs
             scale = math.sqrt(axes[0][0][3] / axes[0][0][2])
         params.append(PairedParam(bkey, tkey, bname, tuple(names), tuple(blocks), scale,
-                                  tuple(segments) if any(segments) else ()))
+                                  tuple(segments) if any(segments) else (),
+                                  base_view=tuple(base_spec.views.get(bkey, ())),
+                                  target_view=tuple(target_spec.views.get(tkey, ()))))
     ties = pair_ties(base_spec, target_spec, links)
     if ties:
         params = fold_softmax_scales(params, ties, target_spec)

@@ -94,6 +94,13 @@ class PermSpec:
                                             was (exact up to the norm's eps)
     ties: name -> Tie                       attention heads: groups whose maps move whole heads, one
                                             head map for the tie (see Tie)
+    views: key -> (n, d)                    tensors seen through a 2-D view: a parameter holding
+                                            units on its last axis past axis 1 (a cls token
+                                            [1, 1, d], a position embedding [1, n, d]) is read as
+                                            [n, d]; its groups, blocks and sizes refer to the view,
+                                            and every reader of paired tensors goes through
+                                            ``view`` (merged tensors are stored back in the
+                                            tensor's own shape)
     """
     groups: dict[str, list[tuple[str, int]]]
     blocks: dict[tuple[str, int], int]
@@ -104,6 +111,21 @@ class PermSpec:
     segments: dict[tuple[str, int], tuple] = field(default_factory=dict)
     rms_norms: frozenset = frozenset()
     ties: dict = field(default_factory=dict)
+    views: dict = field(default_factory=dict)
+
+    def view(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Tensor `t` stored under `key` as the spec sees it (its 2-D view, when it has one)."""
+        v = self.views.get(key)
+        if v is None:
+            return t
+        if t.numel() != v[0] * v[1]:
+            raise SpecError(f"spec: {key!r} has shape {tuple(t.shape)}, which cannot be seen as its "
+                            f"view {tuple(v)}")
+        return t.reshape(v)
+
+    def viewed_state(self, model) -> dict[str, torch.Tensor]:
+        """A module's (or state dict's) tensors as the spec sees them (``view`` of each)."""
+        return {k: self.view(k, v) for k, v in state_dict_of(model).items()}
 
     def axis_groups(self, key: str, ndim: int) -> tuple[str, ...]:
         """Group of each of the first min(ndim, 2) axes of `key`; unlisted axes get a fixed
@@ -199,15 +221,25 @@ class PermSpec:
     def from_groups(cls, model: nn.Module | Mapping[str, torch.Tensor],
                     groups: Mapping[str, Sequence[Sequence[Any]]], fixed: Sequence[str] = (),
                     layers: Sequence[Layer] | None = None,
-                    ties: Mapping[str, Tie] | None = None) -> "PermSpec":
+                    ties: Mapping[str, Tie] | None = None,
+                    views: Mapping[str, Sequence[int]] | None = None) -> "PermSpec":
         """Validate a hand-written spec: group -> [(key, axis) or (key, axis, block)].
-        ties: {name: Tie} for attention heads (see Tie).
+        ties: {name: Tie} for attention heads (see Tie). views: {key: (n, d)} tensors seen as 2-D
+        (see PermSpec.views); their entries name axes of the view.
 
         Every axis of a group must hold the same number of units (axis size / block) in this model;
         only axes 0 and 1 can be permuted. Layers default to the state dict's modules in order, a
         module with only 1-D tensors (a norm) being attached to the layer before it.
         """
         sd = state_dict_of(model)
+        views = {k: tuple(int(n) for n in v) for k, v in (views or {}).items()}
+        for k, v in views.items():
+            if k not in sd:
+                raise SpecError(f"spec: view of {k!r}: not in the model's state dict")
+            if len(v) != 2 or v[0] * v[1] != sd[k].numel():
+                raise SpecError(f"spec: view {v} of {k!r} {tuple(sd[k].shape)} is not a 2-D shape of "
+                                "its entries")
+            sd[k] = sd[k].reshape(v)
         gs: dict[str, list[tuple[str, int]]] = {}
         blocks: dict[tuple[str, int], int] = {}
         sizes: dict[str, int] = {}
@@ -243,7 +275,7 @@ class PermSpec:
         if layers is None:
             layers = _layers_from_state(sd)
         return cls(gs, blocks, {g: n for g, n in sizes.items() if g not in fixed}, frozenset(fixed),
-                   list(layers), ties=dict(ties or {}))
+                   list(layers), ties=dict(ties or {}), views=views)
 
 
 def state_dict_of(model) -> dict[str, torch.Tensor]:

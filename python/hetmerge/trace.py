@@ -239,6 +239,7 @@ class Tracer:
         self.ties: list[tuple[str, list[tuple[int, int]]]] = []    # add_tie: attention heads
         self.unit_blocks: dict[int, int] = {}                  # coarsen: root -> recorded units per unit
         self.node: fx.Node | None = None                       # node being handled (for messages)
+        self.views: dict[str, tuple[int, int]] = {}            # key -> 2-D view (param_axis)
 
     # -- reading the node ---------------------------------------------------------------------
     def inputs(self, node: fx.Node) -> list[Val]:
@@ -478,10 +479,24 @@ class Tracer:
         if p.key is None:
             self.fail(node, f"{p.name} scales the channels but is not in the state dict, so it cannot be "
                             "permuted with them")
-        if a > 1:
-            self.fail(node, f"{p.name} holds the channels on its axis {a} (only axes 0 and 1 can be permuted)")
-        self.add_axis(p.key, a, x.group)
+        self.param_axis(node, p, a, x.group)
         self.attach(x, _layer_name(p.key), {p.key.rpartition(".")[2]: p.key})
+
+    def param_axis(self, node: fx.Node, p: Param, a: int, group: int) -> None:
+        """Axis `a` of parameter `p` (read outside its module) holds the units of `group`. A spec
+        permutes axes 0 and 1 only: a parameter holding them on its last axis past axis 1, with
+        size-1 dims before the next-to-last (timm's cls_token [1, 1, D], pos_embed [1, N+1, D]), is
+        seen as the 2-D view [N+1, D] (spec.PermSpec.views) whose axis 1 joins the group."""
+        if a <= 1:
+            self.add_axis(p.key, a, group)
+            return
+        shape = tuple(self.sd[p.key].shape)
+        if a != len(shape) - 1 or any(s != 1 for s in shape[:-2]):
+            self.fail(node, f"{p.name} {shape} holds the channels on its axis {a}: only axes 0 and 1 "
+                            "can be permuted, or the last axis of a parameter shaped [1, ..., 1, n, C] "
+                            "(seen as [n, C]: a cls token or position embedding)")
+        self.views[p.key] = (shape[-2], shape[-1])
+        self.add_axis(p.key, 1, group)
 
     def _param_op(self, node: fx.Node) -> Param:
         """A parameter transformed on its own (``self.gamma.view(1, -1, 1, 1)``): follow the axes
@@ -489,6 +504,8 @@ class Tracer:
         srcs = self.param_args(node)
         p = self.params[srcs[0]]
         opaque = Param(p.key, p.name, None, None)
+        if node.target == "expand" and len(srcs) == 1 and node.args[0] is srcs[0] and p.shape is not None:
+            return self._expanded(node, p, opaque)
         found = []
         fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
         if len(srcs) != 1 or len(found) != 1 or p.shape is None or node.target not in _PARAM_KEEPS_ORDER:
@@ -518,6 +535,21 @@ class Tracer:
         for i, (_, a) in zip(big_out, big_in):
             axes[i] = a
         return Param(p.key, p.name, tuple(out.shape), tuple(axes))
+
+    @staticmethod
+    def _expanded(node: fx.Node, p: Param, opaque: Param) -> Param:
+        """``self.cls_token.expand(B, -1, -1)``: size-1 dims repeated (sizes unknown here, e.g. the
+        batch), every other dim kept: the entries of each repeat are the parameter's, in order, so
+        the view keeps its shape with the repeated dims as size-1 dims."""
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        if len(sizes) != len(p.shape):
+            return opaque   # new leading dims: rare, not followed
+        for s, n in zip(sizes, p.shape):
+            if not (s == -1 or n == 1 or (isinstance(s, int) and s == n)):
+                return opaque
+        return p
 
     def _get_attr(self, node: fx.Node) -> Param:
         obj = self.gm
@@ -665,7 +697,8 @@ class Tracer:
         sizes: dict[str, int] = {}
         units: dict[int, int] = {}        # every plain group's size, fixed ones included
         fixed = set()
-        sd = self.sd
+        # a parameter seen through a 2-D view (param_axis) is measured in that view
+        sd = {**self.sd, **{k: torch.empty(v, device="meta") for k, v in self.views.items()}}
 
         def name_of(r: int) -> str:
             name = root_name.setdefault(r, uf.names[r])
@@ -733,7 +766,7 @@ class Tracer:
             if g in fixed:
                 del probes[g]
         return PermSpec(groups, blocks, sizes, frozenset(fixed), [Layer(n, p) for n, p in self.layers],
-                        probes, segments, ties=self._ties(name_of, factor))
+                        probes, segments, ties=self._ties(name_of, factor), views=dict(self.views))
 
     def _part_sizes(self, units: dict, sizes: dict, groups: dict, name_of, factor) -> None:
         """Sizes of groups that only fused axes hold (the "qk" of a packed q|k|v projection): an

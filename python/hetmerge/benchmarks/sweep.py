@@ -53,14 +53,15 @@ def lean_loop(base, target, res, lambdas, X, y):
 def functional_loop(base, target, res, lambdas, X, y):
     import hetmerge as hm
     from hetmerge.merging import resolve
-    from hetmerge.maps import transform
+    from hetmerge.maps import transform, viewed
 
     pairing, maps = resolve(base, target, res)
     sa, sb = base.state_dict(), target.state_dict()
     aligned = {}
     for pp in pairing.params:
         rows, cols = transform(pp, maps)
-        aligned[pp.base_key] = hm.ops.permute_pad(sb[pp.target_key], rows, cols)
+        # in the view the maps refer to (cls tokens / position embeddings), stored back as the base's
+        aligned[pp.base_key] = hm.ops.permute_pad(viewed(sb[pp.target_key], pp.target_view), rows, cols).reshape(sa[pp.base_key].shape)
     loss, acc = [], []
     for lam in lambdas.tolist():
         sd = dict(sa)

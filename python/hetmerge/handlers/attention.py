@@ -20,6 +20,7 @@ import operator
 import torch.nn as nn
 
 from ..trace import Val, register_handler
+from .shape import index_features
 
 
 def _check_mha(tracer, node, mha: nn.MultiheadAttention) -> None:
@@ -72,10 +73,13 @@ def multihead_attention(tracer, node, module):
 
 @register_handler(operator.getitem)
 def getitem(tracer, node, target):
-    """Element i of a module's (output, ...) tuple; indexing into features is not followed."""
+    """Element i of a module's (output, ...) tuple, or a feature tensor indexed along other dims
+    (timm's cls pooling x[:, 0], see shape.index_features)."""
     src = tracer.value(node.args[0])
     if isinstance(src, tuple) and isinstance(node.args[1], int):
         return src[node.args[1]]
+    if isinstance(src, Val):
+        return index_features(tracer, node, src, node.args[1])
     tracer.fail(node, "indexing of feature tensors is not supported")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -87,17 +88,28 @@ def cat(tracer, node, fn):
     dim = tracer.arg(node, 1, "dim", 0)
     if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
         tracer.fail(node, "concatenation of a non-constant list or along a non-constant dim")
-    vals = [tracer.value(t) for t in tensors]
-    if any(v is None for v in vals):
-        tracer.fail(node, "concatenates a tensor the tracer does not follow (a constant, a parameter or a "
-                          "channel statistic)")
+    # parameters concatenated with the features along another dim (timm's cls token, prepended
+    # along the tokens) hold the same units: they are followed like a per-unit parameter
+    params = [t for t in tensors if isinstance(t, fx.Node) and t in tracer.params]
+    vals = [tracer.value(t) for t in tensors if t not in params]
+    if any(v is None for v in vals) or not vals:
+        tracer.fail(node, "concatenates a tensor the tracer does not follow (a constant or a channel "
+                          "statistic)")
     nd = next((v.nd for v in vals if v.nd is not None), None)
     along = {tracer.is_feature_dim(node, v, dim, nd) for v in vals}
     if len(along) != 1 or (True in along and len({(v.dim, v.flat) for v in vals}) != 1):
         tracer.fail(node, "concatenates tensors whose channels are on different dims")
     first = vals[0]
     if True not in along:
-        return Val(tracer.join(*(v.group for v in vals)), first.flat, first.layer, first.dim, nd)
+        out = Val(tracer.join(*(v.group for v in vals)), first.flat, first.layer, first.dim, nd)
+        for p in params:
+            if len(tracer.params[p].shape or ()) != nd:
+                tracer.fail(node, f"concatenates parameter {tracer.params[p].name!r} of another rank than "
+                                  "the features (or of a shape the tracer could not follow)")
+            tracer.scale_param(node, p, out)
+        return out
+    if params:
+        tracer.fail(node, "concatenates a parameter along the channels (it would add units)")
     if first.flat:
         tracer.fail(node, "concatenates flattened tensors along the features (their spatial sizes may "
                           "differ)")

@@ -90,7 +90,7 @@ class Problem:
         self.n = len(u.models)
         sds = [m.state_dict() for m in u.models]
         self.device = sds[0][u.terms[0].keys[0]].device if u.terms else torch.device("cpu")
-        self.W = [[_unit4(sds[i][t.keys[i]], len(t.groups), t.blocks).to(self.device) for i in range(self.n)]
+        self.W = [[_unit4(t.tensor(i, sds[i]), len(t.groups), t.blocks).to(self.device) for i in range(self.n)]
                   for t in u.terms]
         size = u.size
         self.shape = []          # universe shape [U0, b0, U1, c] per term
@@ -101,8 +101,8 @@ class Problem:
             for i, w in enumerate(ws):
                 if (w.shape[1], w.shape[3]) != self.shape[-1][1::2]:
                     raise ValueError(f"align_many: {t.keys[i]!r} of models[{i}] has shape "
-                                     f"{tuple(sds[i][t.keys[i]].shape)}, which does not pair with "
-                                     f"{t.keys[0]!r} {tuple(sds[0][t.keys[0]].shape)} of model 0")
+                                     f"{tuple(t.tensor(i, sds[i]).shape)}, which does not pair with "
+                                     f"{t.keys[0]!r} {tuple(t.tensor(0, sds[0]).shape)} of model 0")
         self.by_group: dict[str, list[tuple[int, int]]] = {g: [] for g in u.widths}   # (term, axis)
         for k, t in enumerate(u.terms):
             for d, g in enumerate(t.groups):

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from .. import ops
-from ..maps import transform
+from ..maps import transform, viewed
 from ..merging import scaled_target
 from .universe import ManyAlignment
 
@@ -75,13 +75,13 @@ def merge_many(models, res: ManyAlignment, weights=None, fill: str = "zero") -> 
         items.append({pp.base_key: (pp, *transform(pp, al.maps)) for pp in al.pairing.params})
     new = dict(sds[0])
     for key in items[0]:
-        a = sds[0][key].detach()
+        a = viewed(sds[0][key], items[0][key][0].base_view).detach()   # as the spec sees it (a 2-D view)
         wide = torch.promote_types(a.dtype, torch.float32)
         parts = [a.to(wide)]
         for j, it in enumerate(items, start=1):
             pp, rows, cols = it[key]
             # RMSNorm gains of a narrower stream are rescaled as hm.merge rescales them
-            b = scaled_target(sds[j][pp.target_key].detach().to(device=a.device, dtype=wide), pp.scale,
+            b = scaled_target(viewed(sds[j][pp.target_key], pp.target_view).detach().to(device=a.device, dtype=wide), pp.scale,
                               pp.part_scales)
             rows = None if rows is None else rows.to(a.device)
             cols = None if cols is None else cols.to(a.device)
@@ -90,7 +90,8 @@ def merge_many(models, res: ManyAlignment, weights=None, fill: str = "zero") -> 
             else:
                 lam = torch.ones(1, dtype=wide if wide == torch.float64 else torch.float32)
                 parts.append(ops.interpolate(parts[0], b, lam, rows, cols, fill="base")[0])
-        new[key] = ops.weighted_sum(parts, torch.tensor([w], dtype=torch.float64))[0].to(a.dtype)
+        new[key] = ops.weighted_sum(parts, torch.tensor([w], dtype=torch.float64))[0].to(a.dtype) \
+            .reshape(sds[0][key].shape)
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(new)
     return merged

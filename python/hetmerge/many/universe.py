@@ -35,6 +35,13 @@ class Term:
     keys: tuple
     groups: tuple
     blocks: tuple
+    views: tuple = ()    # per model: the 2-D view its spec reads the tensor as (() = as stored)
+
+    def tensor(self, i: int, state) -> "torch.Tensor":
+        """Model i's tensor of this term in `state`, as its spec sees it."""
+        t = state[self.keys[i]]
+        v = self.views[i] if self.views else ()
+        return t.reshape(v) if v else t
 
 
 @dataclass
@@ -150,7 +157,8 @@ def build_universe(models, layer_maps=None, example_input=None, specs=None) -> U
                              "model yet; align such models pairwise with hm.align")
         keys = (pp.base_key,) + tuple(p.params[k].target_key for p in p0)
         groups = tuple(g if ref.links[g].free else None for g in pp.links)
-        terms.append(Term(keys, groups, pp.blocks))
+        views = (pp.base_view,) + tuple(p.params[k].target_view for p in p0)
+        terms.append(Term(keys, groups, pp.blocks, views if any(views) else ()))
     lms = [{l0: l0 for l0 in ref.layer_map}] + [dict(p.layer_map) for p in p0]
     return Universe(models, specs, lms, widths, terms, group_of,
                     pairings={(0, j): p for j, p in enumerate(p0, start=1)}, ties=ties)

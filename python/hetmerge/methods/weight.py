@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from .. import ops
-from ..maps import expand_map, inverse_map, pieces, transform, unit_view
+from ..maps import expand_map, inverse_map, pieces, transform, unit_view, viewed
 from ..pairing import Pairing
 
 __all__ = ["WeightMatching"]
@@ -36,8 +36,8 @@ class WeightMatching:
             raise ValueError(f"objective: expected 'inner' or 'l2', got {objective!r}")
         self.objective_kind = objective
         self.pairing = pairing
-        self.a = {pp.base_key: sa[pp.base_key].detach() for pp in pairing.params}
-        self.b = {pp.target_key: sb[pp.target_key].detach() for pp in pairing.params}
+        self.a = {pp.base_key: viewed(sa[pp.base_key], pp.base_view).detach() for pp in pairing.params}
+        self.b = {pp.target_key: viewed(sb[pp.target_key], pp.target_view).detach() for pp in pairing.params}
         solve = set(links) if links is not None else {n for n, l in pairing.links.items() if l.free}
         # per link: [(A view, B view, B² view, other link or None, block)]
         self.terms: dict[str, list] = {n: [] for n in solve}
