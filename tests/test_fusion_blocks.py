@@ -119,7 +119,8 @@ def test_cka_recovers_planted_inserted_blocks_that_relative_depth_misses():
     res = hm.fuse(target, [(source, ft)], CALIB, rank=40, blocks="cka", basis="permutation")
     inv = torch.argsort(perm)
     for i in range(3):
-        d = ft.model.layers[i + 2].mlp.down_proj.weight.double() - source.model.layers[i + 2].mlp.down_proj.weight.double()
+        d = (ft.model.layers[i + 2].mlp.down_proj.weight.double()
+             - source.model.layers[i + 2].mlp.down_proj.weight.double())
         torch.testing.assert_close(res.deltas[f"model.layers.{i}.mlp.down_proj"], d[inv], atol=1e-12, rtol=0)
 
 

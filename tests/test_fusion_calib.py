@@ -112,6 +112,19 @@ def test_chunks_stay_within_length_and_read_the_same_characters():
     assert cp.n_rows == wp.n_rows == len(common_spans([ce, we])[0])
 
 
+def test_a_span_longer_than_calib_length_is_skipped_and_the_next_chunk_starts_after_it():
+    # A ends a token at every character of "abcdefg"; B reads "ab" | "cdef" | "g": the span (2, 6]
+    # holds 4 tokens of A > length 3, so it is left out and reading restarts at (6, 7]
+    a = lambda t: (list(range(7)), list(range(1, 8)))          # noqa: E731
+    b = lambda t: ([0, 1, 2], [2, 6, 7])                       # noqa: E731
+    models = [("target", llama(len(CHARS))), ("source", llama(len(WORDS)))]
+    pa, pb = text_plans("abcdefg", [a, b], models, length=3)
+    assert [x.tolist() for x in pa.batches] == [[[0, 1]], [[6]]] and [x.tolist() for x in pb.batches] == [[[0]], [[2]]]
+    x = torch.arange(3.0)[:, None]
+    assert pa.n_rows == pb.n_rows == 2
+    assert pa.rows(x).flatten().tolist() == [1.0, 2.0] and pb.rows(x[:2]).flatten().tolist() == [0.0, 1.0]
+
+
 def test_paired_rows_are_the_hidden_states_at_the_hand_checked_positions():
     s = "the cat sat on a mat. the dog ran."
     tgt, src = llama(len(CHARS)), gpt2(len(WORDS))
@@ -128,7 +141,8 @@ def test_paired_rows_are_the_hidden_states_at_the_hand_checked_positions():
             with torch.no_grad():
                 h = model(input_ids=b, output_hidden_states=True).hidden_states[0][0].double()
             for k in range(b.shape[1]):
-                if int(ends[pos + k]) in common.tolist() and (pos + k + 1 == len(ends) or ends[pos + k + 1] != ends[pos + k]):
+                last = pos + k + 1 == len(ends) or ends[pos + k + 1] != ends[pos + k]
+                if int(ends[pos + k]) in common.tolist() and last:
                     want.append(h[k])
             pos += b.shape[1]
         torch.testing.assert_close(got, torch.stack(want), atol=0, rtol=0)

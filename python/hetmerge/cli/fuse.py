@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
                        "adapter (HeteroFusion)",
                        description="Match the sources' blocks and projections to the target's by role and "
                        "relative depth (or CKA), fit latent-basis maps on calibration tokens or text, map each "
-                       "source's task update (fine-tuned minus base, or a LoRA adapter) into the target's basis, denoise "
-                       "conflicting sources, truncate to rank R and write a PEFT LoRA adapter. docs/fusion.md",
+                       "source's task update (fine-tuned minus base, or a LoRA adapter) into the target's basis, "
+                       "denoise conflicting sources, truncate to rank R and write a PEFT LoRA adapter. docs/fusion.md",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("target", metavar="TARGET_DIR", help="Hugging Face directory of the target model")
     f.add_argument("sources", nargs="+", metavar="SOURCE_BASE:SOURCE_FT",

@@ -72,7 +72,8 @@ def record_inputs(model: nn.Module, topo: Topology, ids, batch: int = 8,
     of the calibration tokens. ids: [B, T] (run `batch` rows at a time) or a list of id batches
     [b, T_i] run in order (P = all their positions). outputs=True also records each block's residual
     update: "<o module>:out" and "<down module>:out" (the attention and MLP outputs)."""
-    names = sorted({p.module for blk in topo.blocks for r, p in blk.items() if r in LINEAR_ROLES or r in ("norm1", "norm2")})
+    names = sorted({p.module for blk in topo.blocks for r, p in blk.items()
+                    if r in LINEAR_ROLES or r in ("norm1", "norm2")})
     outs = sorted({blk[r].module for blk in topo.blocks for r in ("o", "down") if r in blk}) if outputs else []
     batches = [ids[i:i + batch] for i in range(0, ids.shape[0], batch)] if torch.is_tensor(ids) else list(ids)
     store: dict = {}
