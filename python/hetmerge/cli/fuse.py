@@ -21,18 +21,25 @@ def add_parser(sub) -> None:
     f = sub.add_parser("fuse", help="transfer task updates of LMs of other families into TARGET as a PEFT LoRA "
                        "adapter (HeteroFusion)",
                        description="Match the sources' blocks and projections to the target's by role and "
-                       "relative depth, fit latent-basis maps on calibration tokens, map each source's task "
-                       "update (fine-tuned minus base, or a LoRA adapter) into the target's basis, denoise "
-                       "conflicting sources, truncate to rank R and write a PEFT LoRA adapter. docs/fusion.md",
+                       "relative depth (or CKA), fit latent-basis maps on calibration tokens or text, map each "
+                       "source's task update (fine-tuned minus base, or a LoRA adapter) into the target's basis, "
+                       "denoise conflicting sources, truncate to rank R and write a PEFT LoRA adapter. docs/fusion.md",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("target", metavar="TARGET_DIR", help="Hugging Face directory of the target model")
     f.add_argument("sources", nargs="+", metavar="SOURCE_BASE:SOURCE_FT",
                    help="a source's base directory and its fine-tuned directory or PEFT adapter directory")
     f.add_argument("--calib", required=True, metavar="TEXT_OR_IDS",
-                   help="calibration tokens: ids ('5,9,2;7,1,3': sequences separated by ';'), a text file, or "
-                   "text (encoded with TARGET_DIR's tokenizer); all models must share these token ids")
+                   help="calibration: token ids that every model shares ('5,9,2;7,1,3': sequences separated by "
+                   "';'), or a text file, or text: each model encodes text with the tokenizer in its own "
+                   "directory, and activations pair by character spans (tokenizers may differ)")
     f.add_argument("--calib-length", type=int, default=64, metavar="T",
-                   help="tokens per calibration sequence when --calib is text (default: %(default)s)")
+                   help="most tokens of any model per calibration pass when --calib is text (default: %(default)s)")
+    f.add_argument("--calib-pool", choices=["last", "mean"], default="last",
+                   help="text calibration: the activation of a character span is its last token's or the mean "
+                   "of its tokens' (default: %(default)s)")
+    f.add_argument("--blocks", choices=["depth", "cka"], default="depth",
+                   help="pair blocks by relative depth, or by linear CKA of their outputs on the calibration "
+                   "set, depth order kept (default: %(default)s)")
     f.add_argument("--rank", type=int, required=True, metavar="R", help="LoRA rank of the adapter")
     f.add_argument("--basis", choices=["lstsq", "procrustes", "permutation"], default="procrustes",
                    help="latent-basis maps (default: %(default)s)")
@@ -46,8 +53,9 @@ def add_parser(sub) -> None:
     f.set_defaults(func=cmd_fuse)
 
 
-def parse_calib(text: str, tokenizer_dir: Path, length: int):
-    """Token ids [B, T] from ids ('1,2,3;4,5,6'), a text file, or text encoded by tokenizer_dir's tokenizer."""
+def parse_calib(text: str):
+    """Token ids [B, T] from ids ('1,2,3;4,5,6'); otherwise the text (of the file, when it names one),
+    which hm.fuse encodes with each model's own tokenizer."""
     import torch
 
     if _IDS.fullmatch(text) and re.search(r"\d", text):
@@ -55,21 +63,15 @@ def parse_calib(text: str, tokenizer_dir: Path, length: int):
         if len({len(r) for r in rows}) != 1:
             raise IncompatibleError(f"--calib: id sequences must have one length, got {[len(r) for r in rows]}")
         return torch.tensor(rows, dtype=torch.long)
-    p = Path(text)
-    if len(text) < 4096 and p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
     try:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception as exc:   # no tokenizer files: transformers raises OSError/ValueError variants
-        raise IncompatibleError(f"--calib: text needs a tokenizer in {tokenizer_dir} ({type(exc).__name__}: "
-                                f"{exc}); pass token ids instead") from exc
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < 2:
-        raise IncompatibleError("--calib: the text encodes to fewer than 2 tokens")
-    n = max(1, len(ids) // length)
-    t = min(length, len(ids))
-    return torch.tensor(ids[: n * t], dtype=torch.long).view(n, t)
+        is_file = len(text) < 4096 and Path(text).is_file()
+    except OSError:      # text longer than a file name can be (ENAMETOOLONG): it is text
+        is_file = False
+    if is_file:
+        text = Path(text).read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise IncompatibleError("--calib: the calibration text is empty")
+    return text
 
 
 def cmd_fuse(args, ui: UI) -> int:
@@ -95,15 +97,18 @@ def cmd_fuse(args, ui: UI) -> int:
     if out.exists() and not args.force:
         from ..checkpoint import CheckpointError
         raise CheckpointError(f"{out}: exists; pass --force to replace it")
-    calib = parse_calib(args.calib, target, args.calib_length)
+    calib = parse_calib(args.calib)
     t0 = time.perf_counter()
     try:
         res = fuse(str(target), [(str(b), str(f)) for b, f in pairs], calib, rank=args.rank, basis=args.basis,
-                   density=args.density, temperature=args.temperature, output=out, overwrite=args.force)
+                   density=args.density, temperature=args.temperature, output=out, overwrite=args.force,
+                   blocks=args.blocks, calib_length=args.calib_length, calib_pool=args.calib_pool)
     except FusionError as exc:
         raise IncompatibleError(str(exc)) from exc
-    ui.out(f"fused {len(pairs)} source(s) into {target} on {calib.shape[0]}×{calib.shape[1]} calibration tokens "
-           f"({args.basis} maps, {time.perf_counter() - t0:.2f} s)")
+    what = (f"{calib.shape[0]}×{calib.shape[1]} shared calibration tokens" if not isinstance(calib, str) else
+            f"{len(calib):,} characters of calibration text (each model's own tokenizer)")
+    ui.out(f"fused {len(pairs)} source(s) into {target} on {what} ({args.basis} maps, "
+           f"{time.perf_counter() - t0:.2f} s)")
     for k, (w, a) in enumerate(zip(res.weights.tolist(), res.agreement.tolist())):
         ui.out(f"  source {k}: weight {w:.3f}, agreement {a:+.3f}, blocks {res.pairs[k]}")
     kept = sum(res.kept_energy.values()) / max(1, len(res.kept_energy))

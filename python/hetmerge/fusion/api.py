@@ -14,11 +14,15 @@ import torch
 import torch.nn as nn
 
 from .basis import BASES, RIDGE
+from .blocks import cka_matrix, monotone_match
+from .calib import shared_plans, text_plans
 from .denoise import fuse_updates, source_weights
 from .topology import FusionError, match_blocks, topology
 from .transfer import MapCache, lora_factors, module_deltas, role_deltas, transfer_deltas
 
-__all__ = ["FusionResult", "fuse", "load_model", "calib_ids"]
+__all__ = ["FusionResult", "fuse", "load_model", "calib_ids", "BLOCK_RULES"]
+
+BLOCK_RULES = ("depth", "cka")
 
 
 @dataclass
@@ -88,34 +92,52 @@ def load_model(x, what: str, base: nn.Module | None = None) -> nn.Module:
 
 
 def calib_ids(calib, models: list[tuple[str, nn.Module]]) -> torch.Tensor:
-    """Calibration token ids [B, T] int64, checked against every model's vocabulary (the models must
-    share token ids: activations are paired position by position)."""
-    ids = torch.as_tensor(calib)
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise FusionError(f"fuse: calib must be integer token ids [batch, length], got {tuple(ids.shape)} "
-                          f"{ids.dtype}")
-    ids = ids.long()
-    for what, m in models:
-        vocab = m.get_input_embeddings().weight.shape[0]
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise FusionError(f"fuse: calib ids span {int(ids.min())}..{int(ids.max())} but the {what}'s "
-                              f"vocabulary has {vocab} tokens")
-    return ids
+    """Calibration token ids [B, T] int64, checked against every model's vocabulary (shared ids)."""
+    return torch.cat(shared_plans(calib, models)[0].batches)
 
 
-def fuse(target, sources, calib, rank: int = 8, basis: str = "procrustes", blocks: dict | None = None,
-         density: float = 1.0, temperature: float = 0.1, ridge: float = RIDGE, output=None, overwrite: bool = False) -> FusionResult:
+def _tokenizers(tokenizers, models: list[tuple[str, object]]) -> list:
+    """One tokenizer per model (target first, then each source base): given (one for all, or a list),
+    or read from the model's directory when it came as one."""
+    if tokenizers is not None and not isinstance(tokenizers, (list, tuple)):
+        return [tokenizers] * len(models)
+    if tokenizers is not None:
+        if len(tokenizers) != len(models):
+            raise FusionError(f"fuse: tokenizers must be one tokenizer or a list of {len(models)} (the target's, "
+                              f"then each source's), got {len(tokenizers)}")
+        return list(tokenizers)
+    out = []
+    for what, given in models:
+        if not isinstance(given, (str, os.PathLike)):
+            raise FusionError(f"fuse: calib is text, so the {what} needs a tokenizer: it was given as a module; "
+                              "pass tokenizers= (the target's, then each source's)")
+        try:
+            from transformers import AutoTokenizer
+            out.append(AutoTokenizer.from_pretrained(str(given)))
+        except (OSError, ValueError) as exc:
+            raise FusionError(f"fuse: calib is text, but the {what} directory {given} has no tokenizer "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return out
+
+
+def fuse(target, sources, calib, rank: int = 8, basis: str = "procrustes", blocks=None,
+         density: float = 1.0, temperature: float = 0.1, ridge: float = RIDGE, output=None, overwrite: bool = False,
+         tokenizers=None, calib_length: int = 64, calib_pool: str = "last") -> FusionResult:
     """Transfer each source's task update into `target` and fuse them into one LoRA adapter.
 
     target: transformers causal LM (Llama/Mistral/Qwen2/GPT-2) or its HF directory.
     sources: [(source base, source fine-tuned)] — each a model or HF directory; the fine-tuned one
         may also be a PEFT adapter directory of its base (or a PeftModel).
-    calib: token ids [B, T] valid for every model (shared vocabulary); N = B·T should exceed the
-        widest projection for a well-posed least-squares map.
+    calib: token ids [B, T] valid for every model (shared vocabulary), or TEXT that each model
+        encodes with its own tokenizer, activations paired by character spans (calib.py); N paired
+        rows should exceed the widest projection for a well-posed least-squares map.
+    tokenizers: for text calib: one tokenizer for all, or [target's, source 0's, ...]
+        (tokenizers.Tokenizer, transformers fast tokenizer, or text -> (ids, ends)); default: read
+        from each model's directory. calib_length: most tokens per forward pass of any model;
+        calib_pool: "last" | "mean" token of each span.
     rank: LoRA rank r of the adapter; basis: "lstsq" | "procrustes" | "permutation" (basis.py);
-    blocks: {target block: source block} instead of relative depth; density, temperature: denoising;
+    blocks: None or "depth" (relative depth), "cka" (by linear CKA of block outputs, order kept:
+        blocks.py), or {target block: source block}; density, temperature: denoising;
     ridge: least-squares ridge relative to the activations' mean eigenvalue (larger = smoother maps).
     output: folder to write the adapter to (PEFT format), or None.
     """
@@ -129,6 +151,9 @@ def fuse(target, sources, calib, rank: int = 8, basis: str = "procrustes", block
         raise FusionError(f"fuse: ridge must be >= 0, got {ridge!r}")
     if not float(temperature) > 0.0:
         raise FusionError(f"fuse: temperature must be > 0, got {temperature!r}")
+    if isinstance(blocks, str) and blocks not in BLOCK_RULES:
+        raise FusionError(f"fuse: blocks must be one of {BLOCK_RULES} or a {{target block: source block}} dict, "
+                          f"got {blocks!r}")
     if not isinstance(sources, (list, tuple)) or not sources:
         raise FusionError("fuse: sources must be a non-empty list of (source base, source fine-tuned) pairs")
     tgt = load_model(target, "target").eval()
@@ -140,12 +165,23 @@ def fuse(target, sources, calib, rank: int = 8, basis: str = "procrustes", block
         base = load_model(pair[0], f"sources[{k}] base").eval()
         ft = load_model(pair[1], f"sources[{k}] fine-tuned", base=base)
         loaded.append((base, ft))
-    ids = calib_ids(calib, [("target", tgt)] + [(f"sources[{k}] base", b) for k, (b, _) in enumerate(loaded)])
-    cache = MapCache(ids, basis, float(ridge))
+    models = [("target", tgt)] + [(f"sources[{k}] base", b) for k, (b, _) in enumerate(loaded)]
+    if isinstance(calib, str):
+        given = [("target", target)] + [(f"sources[{k}] base", pair[0]) for k, pair in enumerate(sources)]
+        plans = text_plans(calib, _tokenizers(tokenizers, given), models, calib_length, calib_pool)
+    else:
+        plans = shared_plans(calib, models)
+    by_model: dict = {}
+    for (_, m), plan in zip(models, plans):
+        by_model.setdefault(id(m), plan)
+    cache = MapCache(by_model, basis, float(ridge), outputs=blocks == "cka")
     updates, pairs = [], []
     for k, (base, ft) in enumerate(loaded):
         s_topo = topology(base)
-        pr = match_blocks(t_topo.n_blocks, s_topo.n_blocks, blocks)
+        if blocks == "cka":
+            pr = monotone_match(cka_matrix(cache.block_updates(tgt, t_topo), cache.block_updates(base, s_topo)))
+        else:
+            pr = match_blocks(t_topo.n_blocks, s_topo.n_blocks, None if isinstance(blocks, str) else blocks)
         d = role_deltas(base, ft, s_topo, f"sources[{k}]")
         updates.append(module_deltas(tgt, t_topo, transfer_deltas(tgt, t_topo, base, s_topo, d, pr, cache)))
         pairs.append(pr)

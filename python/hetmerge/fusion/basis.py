@@ -45,12 +45,19 @@ RIDGE = 1e-8
 
 
 @contextmanager
-def _hooks(model: nn.Module, modules: list[str], store: dict):
+def _hooks(model: nn.Module, modules: list[str], outputs: list[str], store: dict):
+    """Record (float64, positions flattened) the inputs of `modules` and, under "<name>:out", the
+    outputs of `outputs`."""
     hs = []
     for name in modules:
         def hook(mod, args, name=name):
             store.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
         hs.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    for name in outputs:
+        def out_hook(mod, args, out, name=name):
+            out = out[0] if isinstance(out, tuple) else out
+            store.setdefault(name + ":out", []).append(out.detach().reshape(-1, out.shape[-1]).double())
+        hs.append(model.get_submodule(name).register_forward_hook(out_hook))
     try:
         yield
     finally:
@@ -58,15 +65,21 @@ def _hooks(model: nn.Module, modules: list[str], store: dict):
             h.remove()
 
 
-def record_inputs(model: nn.Module, topo: Topology, ids: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
-    """{module name: X [N, in] float64}: the inputs of every linear role's module and of each block's
-    norms (the residual stream entering the block and between attention and MLP) on calibration tokens ids: [B, T]
-    (all positions; N = B·T)."""
-    names = sorted({p.module for blk in topo.blocks for r, p in blk.items() if r in LINEAR_ROLES or r in ("norm1", "norm2")})
+def record_inputs(model: nn.Module, topo: Topology, ids, batch: int = 8,
+                  outputs: bool = False) -> dict[str, torch.Tensor]:
+    """{module name: X [P, in] float64}: the inputs of every linear role's module and of each block's
+    norms (the residual stream entering the block and between attention and MLP) at every position
+    of the calibration tokens. ids: [B, T] (run `batch` rows at a time) or a list of id batches
+    [b, T_i] run in order (P = all their positions). outputs=True also records each block's residual
+    update: "<o module>:out" and "<down module>:out" (the attention and MLP outputs)."""
+    names = sorted({p.module for blk in topo.blocks for r, p in blk.items()
+                    if r in LINEAR_ROLES or r in ("norm1", "norm2")})
+    outs = sorted({blk[r].module for blk in topo.blocks for r in ("o", "down") if r in blk}) if outputs else []
+    batches = [ids[i:i + batch] for i in range(0, ids.shape[0], batch)] if torch.is_tensor(ids) else list(ids)
     store: dict = {}
-    with _hooks(model, names, store), torch.no_grad():
-        for i in range(0, ids.shape[0], batch):
-            model(input_ids=ids[i:i + batch])
+    with _hooks(model, names, outs, store), torch.no_grad():
+        for b in batches:
+            model(input_ids=b)
     return {k: torch.cat(v) for k, v in store.items()}
 
 

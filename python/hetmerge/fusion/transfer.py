@@ -45,18 +45,30 @@ def role_deltas(base: nn.Module, ft: nn.Module, topo: Topology, what: str) -> di
 
 @dataclass
 class MapCache:
-    """Calibration inputs per model and fitted maps per (target proj, source proj), so that sources
-    sharing a base (or the target) reuse them."""
-    ids: torch.Tensor
+    """Calibration activations per model (paired rows, calib.Plan) and fitted maps per (target proj,
+    source proj), so that sources sharing a base (or the target) reuse them.
+
+    plans: {id(model): Plan}; outputs: also record each block's residual update (for blocks="cka")."""
+    plans: dict
     basis: str
     ridge: float
+    outputs: bool = False
     acts: dict = field(default_factory=dict)
     maps: dict = field(default_factory=dict)
 
     def inputs(self, model: nn.Module, topo: Topology) -> dict:
+        """{module name (or "<module>:out"): activations [N, width]}, row n paired across models."""
         if id(model) not in self.acts:
-            self.acts[id(model)] = (model, record_inputs(model, topo, self.ids))   # model kept: id stays unique
+            plan = self.plans[id(model)]
+            x = record_inputs(model, topo, plan.batches, outputs=self.outputs)
+            self.acts[id(model)] = (model, {k: plan.rows(v) for k, v in x.items()})   # model kept: id stays unique
         return self.acts[id(model)][1]
+
+    def block_updates(self, model: nn.Module, topo: Topology) -> list[torch.Tensor]:
+        """[per block: its residual update, attention output + MLP output, [N, d_model]]."""
+        x = self.inputs(model, topo)
+        return [x[_need(roles, "o", topo).module + ":out"] + x[_need(roles, "down", topo).module + ":out"]
+                for roles in topo.blocks]
 
     def space(self, model, topo: Topology, block: int, role: str, side: str) -> torch.Tensor:
         """Activations [N, dim] spanning one space of a role (basis.py's table)."""
