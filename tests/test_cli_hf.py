@@ -114,3 +114,11 @@ def test_align_whole_heads_is_remembered_by_merge(dirs, tmp_path, capsys):
     st.save_file({"0.weight": torch.zeros(3, 2)}, str(f))
     assert main(["align", str(f), str(f), "--heads", "whole", "-o", str(tmp_path / "y.json")]) == 2
     assert "--heads applies to Hugging Face model directories" in capsys.readouterr().err
+
+
+def test_inspect_counts_the_fused_axes_of_a_group(dirs, capsys):
+    """GPT-2's qk group lives only in the fused c_attn (q and k parts of weight and bias): 4 axes."""
+    assert main(["inspect", str(dirs / "g"), str(dirs / "g")]) == EXIT_OK
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "transformer.h.0.attn.qk" in ln and "permutable" in ln)
+    assert line.split()[1:3] == ["24", "4"], line

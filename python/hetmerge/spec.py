@@ -155,6 +155,12 @@ class PermSpec:
         """((group, units, block), ...) when axis `axis` of `key` is a concatenation, else None."""
         return self.segments.get((key, axis))
 
+    def axis_count(self, group: str) -> int:
+        """Parameter axes that hold units of `group`: its own axes plus the parts of concatenated
+        axes (a fused q|k|v's q and k parts each count once)."""
+        return len(self.groups.get(group, ())) + sum(
+            1 for segs in self.segments.values() for g, _, _ in segs if g == group)
+
     def is_fixed(self, group: str) -> bool:
         return group in self.fixed or group not in self.groups
 

@@ -49,7 +49,7 @@ def cmd_inspect_hf(args, ui: UI) -> int:
                f"{len(state.shards)} shard(s))")
         ui.out(f"  {n_params:,} parameters, {human(state.nbytes)}; {len(spec.layers)} layers")
         ui.out("  permutation groups (hidden-unit axes that move together):")
-        rows = [{"group": g, "units": spec.sizes.get(g, "-"), "axes": len(spec.groups[g]),
+        rows = [{"group": g, "units": spec.sizes.get(g, "-"), "axes": spec.axis_count(g),
                  "kind": "fixed" if g in spec.fixed else "permutable"} for g in spec.groups]
         ui.out("    " + R.table(rows, align_left=["group", "kind"]).replace("\n", "\n    "))
     lrows = [{"link": n, "base units": l.n_a, "target units": l.n_b, "solved": l.free,

@@ -30,7 +30,7 @@ def cmd_inspect(args, ui: UI) -> int:
         n_params = sum(v.numel() for v in sd.values() if v.is_floating_point())
         nbytes = sum(v.numel() * v.element_size() for v in sd.values())
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if v.is_floating_point()})
-        groups = [{"group": g, "size": spec.sizes.get(g), "fixed": g in spec.fixed, "axes": len(spec.groups[g]),
+        groups = [{"group": g, "size": spec.sizes.get(g), "fixed": g in spec.fixed, "axes": spec.axis_count(g),
                    "members": [f"{k}[{ax}]" for k, ax in spec.groups[g]]} for g in spec.groups]
         info["models"][side] = {"file": str(ref.weights), "format": detect_format(ref.weights),
                                 "arch": ref.arch.describe(), "parameters": n_params, "bytes": nbytes,
