@@ -164,13 +164,13 @@ def part_vit(seeds, steps):
           f"{len(d.y_test)} test; {steps} AdamW steps of 64; metric: test accuracy)\n")
     header("acc")
     a, b = trained(seeds[0]), trained(seeds[1])
-    row("d64 h4 L4, seeds 0/1", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], vit_metrics, val, test), True),
+    row(f"d64 h4 L4, seeds {seeds[0]}/{seeds[1]}", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], vit_metrics, val, test), True),
         0, "acc")
     res, t = align(a, b, heads="whole")
-    row("d64 h4 L4, seeds 0/1", "weight matching, whole heads", summarize(curve(a, b, res, vit_metrics, val, test), True),
+    row(f"d64 h4 L4, seeds {seeds[0]}/{seeds[1]}", "weight matching, whole heads", summarize(curve(a, b, res, vit_metrics, val, test), True),
         t, "acc")
     res, t = align(a, b)
-    row("d64 h4 L4, seeds 0/1", "weight matching, inside heads", summarize(curve(a, b, res, vit_metrics, val, test), True),
+    row(f"d64 h4 L4, seeds {seeds[0]}/{seeds[1]}", "weight matching, inside heads", summarize(curve(a, b, res, vit_metrics, val, test), True),
         t, "acc")
     narrow = trained(seeds[1], hidden=32, heads=2)            # head size 16 in both
     res, t = align(a, narrow)
@@ -207,13 +207,13 @@ def part_lm(seeds, steps, seq=64):
           f"test windows evaluated; {steps} AdamW steps of 32; metric: test perplexity, lower is better)\n")
     header("ppl")
     a, b = trained(seeds[0]), trained(seeds[1])
-    row("d64 h4 L2, seeds 0/1", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], lm_metrics, val, test), False),
+    row(f"d64 h4 L2, seeds {seeds[0]}/{seeds[1]}", "unaligned", summarize(curve(a, b, align(a, b, 0)[0], lm_metrics, val, test), False),
         0, "ppl")
     res, t = align(a, b, heads="whole")
-    row("d64 h4 L2, seeds 0/1", "weight matching, whole heads", summarize(curve(a, b, res, lm_metrics, val, test), False),
+    row(f"d64 h4 L2, seeds {seeds[0]}/{seeds[1]}", "weight matching, whole heads", summarize(curve(a, b, res, lm_metrics, val, test), False),
         t, "ppl")
     res, t = align(a, b)
-    row("d64 h4 L2, seeds 0/1", "weight matching, V/O inside heads", summarize(curve(a, b, res, lm_metrics, val, test),
+    row(f"d64 h4 L2, seeds {seeds[0]}/{seeds[1]}", "weight matching, V/O inside heads", summarize(curve(a, b, res, lm_metrics, val, test),
                                                                                  False), t, "ppl")
     narrow = trained(seeds[1], hidden=48, heads=3)            # head size 16 in both
     res, t = align(a, narrow)
