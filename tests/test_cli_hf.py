@@ -122,3 +122,28 @@ def test_inspect_counts_the_fused_axes_of_a_group(dirs, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "transformer.h.0.attn.qk" in ln and "permutable" in ln)
     assert line.split()[1:3] == ["24", "4"], line
+
+
+def test_merge_with_an_unreadable_or_altered_alignment_file_names_it(dirs, tmp_path, capsys):
+    """A missing file exits 3 or 4 naming it (never a traceback); a non-JSON file and an unknown
+    info.hf.heads exit 4 naming the file."""
+    import json
+    out = tmp_path / "m"
+    missing = tmp_path / "missing.json"
+    assert main(["merge", str(dirs / "a"), str(dirs / "b"), "--alignment", str(missing), "-o", str(out)]) in (3, 4)
+    assert "missing.json" in capsys.readouterr().err
+    junk = tmp_path / "junk.json"
+    junk.write_text("not json")
+    assert main(["merge", str(dirs / "a"), str(dirs / "b"), "--alignment", str(junk), "-o", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "junk.json" in err and "not a JSON file" in err
+    al = tmp_path / "al.json"
+    assert main(["align", str(dirs / "a"), str(dirs / "b"), "-o", str(al)]) == EXIT_OK
+    doc = json.loads(al.read_text())
+    doc["info"]["hf"]["heads"] = "sideways"
+    al.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["merge", str(dirs / "a"), str(dirs / "b"), "--alignment", str(al), "-o", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "al.json" in err and "info.hf.heads is 'sideways'" in err
+    assert not out.exists()

@@ -128,13 +128,15 @@ def cmd_align_hf(args, ui: UI) -> int:
 def _read_alignment_hf(path: Path, base_dir: Path, target_dir: Path, ui: UI):
     from ..alignment import Alignment, AlignmentError
 
-    # the spec the alignment was computed with: heads moved whole or also inside
-    heads = ((Alignment.read(path).get("info") or {}).get("hf") or {}).get("heads", "inside")
-    if heads not in ("inside", "whole"):
-        raise IncompatibleError(f"{path}: info.hf.heads is {heads!r}, expected 'inside' or 'whole'")
-    pairing = hf_pair(base_dir, target_dir, heads)[0]
     try:
-        alignment = Alignment.load(path, pairing=pairing)
+        # the spec the alignment was computed with: heads moved whole or also inside
+        info = Alignment.read(path).get("info")
+        hf = info.get("hf") if isinstance(info, dict) else None
+        heads = hf.get("heads", "inside") if isinstance(hf, dict) else "inside"
+        if heads not in ("inside", "whole"):
+            raise IncompatibleError(f"alignment {path}: info.hf.heads is {heads!r}, expected 'inside' or "
+                                    "'whole'; rerun hetmerge align")
+        alignment = Alignment.load(path, pairing=hf_pair(base_dir, target_dir, heads)[0])
     except AlignmentError as exc:
         raise IncompatibleError(str(exc).replace("align again", "rerun hetmerge align")) from None
     changed, unchecked = alignment.check_fingerprints({"base": _fingerprint(base_dir),
